@@ -1,0 +1,46 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Layers import in one direction only:
+//   CBatonLinux → BatonSystem → BatonCore-free syscall layer
+//   BatonCore (pure) → BatonTransfer → BatonAgent → BatonCLI → baton
+let package = Package(
+    name: "Baton",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "baton", targets: ["baton"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // Thin C shim: only what Swift cannot import (_GNU_SOURCE calls, CMSG_*, function-like macros).
+        .target(name: "CBatonLinux"),
+        // Typed syscall wrappers with errno injection; no domain logic.
+        .target(name: "BatonSystem", dependencies: ["CBatonLinux"]),
+        // Pure: sizes, regions, page ranges, wire codec, receiver state machine, hashing.
+        .target(name: "BatonCore"),
+        // Moving pages: pipes, vmsplice, memfd, process_vm_readv, integrity, move detection.
+        .target(name: "BatonTransfer", dependencies: ["BatonSystem", "BatonCore"]),
+        // The old-instance and new-instance agents speaking Baton's protocol.
+        .target(name: "BatonAgent", dependencies: [
+            "BatonSystem", "BatonCore", "BatonTransfer",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).
+        .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
+        // Command implementations (check, bench, agent helpers); the executable only calls in.
+        .target(name: "BatonCLI", dependencies: [
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "baton", dependencies: ["BatonCLI"]),
+        .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
+        .testTarget(name: "BatonSystemTests", dependencies: ["BatonSystem", "CBatonLinux"]),
+        .testTarget(name: "BatonTransferTests", dependencies: [
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonCLI", "baton",
+        ]),
+    ]
+)

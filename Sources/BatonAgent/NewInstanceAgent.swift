@@ -1,0 +1,195 @@
+import BatonCore
+import BatonSystem
+import BatonTransfer
+import Glibc
+
+/// Supplies the new instance's guest-RAM mapping for a region. Called before the pause, so
+/// it should map and pre-fault (or ask for THP) now: page faults cost more than the copy.
+public typealias DestinationProvider = (GuestRegion) throws -> MemoryMapping
+
+public enum DestinationProviders {
+    /// Private anonymous memory with THP requested and every page faulted in.
+    public static func prefaultedAnonymous(_ region: GuestRegion) throws -> MemoryMapping {
+        let m = try MemoryMapping.anonymous(length: Int(region.length))
+        m.adviseHugePages()
+        m.prefault(pageSize: Host.pageSize)
+        return m
+    }
+}
+
+/// The new instance's side. Each message goes through the pure `ReceiverMachine`; this
+/// type only performs the actions it returns (map memory, pump lanes, verify, commit).
+public final class NewInstanceAgent {
+    public let connection: AgentConnection
+    public let machine: ReceiverMachine
+    public let stallTimeoutSeconds: Double
+    public let expectedUID: UInt32
+    let provide: DestinationProvider
+    let pageSize = PageSize(Host.pageSize)
+
+    public private(set) var state: ReceiverState = .awaitingHello
+    var destinations: [UInt32: DestinationRegion] = [:]
+    var plan: TransferPlan?
+    var job: LaneJob?
+    var control: TransferControl?
+    var checksums: ChunkChecksums?
+    var expected: [Int: UInt64] = [:]
+    var pipes: [FileDescriptor] = []
+
+    public init(connection: AgentConnection, capabilities: Capabilities = .all, stallTimeoutSeconds: Double = 10,
+                expectedUID: UInt32 = getuid(), destinations: @escaping DestinationProvider = DestinationProviders.prefaultedAnonymous) {
+        self.connection = connection
+        self.machine = ReceiverMachine(localCapabilities: capabilities, pageSize: PageSize(Host.pageSize))
+        self.stallTimeoutSeconds = stallTimeoutSeconds
+        self.expectedUID = expectedUID
+        self.provide = destinations
+    }
+
+    /// Runs the protocol to the end. Returns the committed regions (the new guest RAM);
+    /// throws if the handoff was abandoned or failed, after dropping what it received.
+    public func receive() throws -> [DestinationRegion] {
+        signal(SIGPIPE, SIG_IGN)
+        do {
+            try connection.setTimeout(seconds: stallTimeoutSeconds)
+            try connection.authenticate(expectedUID: expectedUID)
+            while true {
+                let (message, descriptors) = try connection.receive(whileIn: state.name)
+                let (next, action) = try machine.step(state, message)
+                if case .awaitingRegions(let session) = next { connection.sessionVersion = session.version }
+                state = next
+                if let done = try perform(action, descriptors: descriptors) { return done }
+            }
+        } catch {
+            stopLanes()
+            let wrapped = AgentError.wrap(error)
+            if case .abandoned = state {} else if !isPeerGone(error) {
+                try? connection.send(.failure(code: 1, message: "\(wrapped)"))
+            }
+            destinations = [:]
+            throw wrapped
+        }
+    }
+
+    private func isPeerGone(_ error: Error) -> Bool {
+        if case ProtocolError.peerClosed = error { return true }
+        return false
+    }
+
+    private func stopLanes() {
+        control?.cancel()
+        pipes.forEach { $0.close() }
+        try? job?.wait()
+    }
+
+    private func perform(_ action: ReceiverAction, descriptors: [FileDescriptor]) throws -> [DestinationRegion]? {
+        switch action {
+        case .reply(let message):
+            try connection.send(message)
+        case .prepareDestinations(let table):
+            for region in table.regions where !region.flags.contains(.arrivesAsDescriptor) {
+                destinations[region.id] = DestinationRegion(region: region, mapping: try provide(region))
+            }
+            try connection.send(.regionsReady(rollbackDescriptors: 0))
+        case let .startReceiving(plan, begin):
+            try start(plan: plan, begin: begin, descriptors: descriptors)
+        case let .recordChecksums(first, sums):
+            for (i, s) in sums.enumerated() { expected[first + i] = s }
+        case .noteTransferEnd:
+            break
+        case .verify(let digests):
+            let mismatch = try verify(digests)
+            try connection.send(.verifyResult(mismatch: mismatch, frames: mismatch == nil ? try sampleFrames() : []))
+            state = machine.verificationFinished(state, mismatch: mismatch)
+            if let mismatch { throw AgentError.integrity(mismatch) }
+        case .commit:
+            try connection.send(.committed)
+            return destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress }
+        case .discard(let reason):
+            throw AgentError.abandoned(reason)
+        }
+        return nil
+    }
+
+    private func start(plan: TransferPlan, begin: TransferBegin, descriptors: [FileDescriptor]) throws {
+        guard case let .receiving(_, table, _) = state else { return }
+        self.plan = plan
+        let kinds = Dictionary(uniqueKeysWithValues: begin.regions.map { ($0.regionID, $0) })
+        for region in table.regions where kinds[region.id]?.transport == .memfd {
+            let t = kinds[region.id]!
+            guard Int(t.descriptorIndex) < descriptors.count else {
+                throw TransferError.descriptorMissing(regionID: region.id, index: t.descriptorIndex)
+            }
+            let fd = descriptors[Int(t.descriptorIndex)]
+            let size = Int(try fd.status().st_size)
+            guard size >= Int(t.descriptorOffset + region.length) else {
+                throw TransferError.memfdTooSmall(regionID: region.id, size: size, needed: Int(t.descriptorOffset + region.length))
+            }
+            // Map lazily: populating page tables costs ~80 ms/GiB, the guest faults them in as it runs.
+            destinations[region.id] = DestinationRegion(region: region, mapping: try MemoryMapping.shared(fd: fd, offset: Int(t.descriptorOffset), length: Int(region.length)))
+        }
+        for region in table.regions where destinations[region.id] == nil {
+            throw TransferError.destinationMissing(regionID: region.id)
+        }
+        let sums = ChunkChecksums(count: plan.chunks.count)
+        let control = TransferControl(stallTimeoutSeconds: stallTimeoutSeconds)
+        self.checksums = sums
+        self.control = control
+        pipes = begin.usesPipes ? Array(descriptors.prefix(Int(begin.lanes))) : []
+        let pipes = self.pipes
+        let destinations = self.destinations
+        let sourceAddresses = Dictionary(uniqueKeysWithValues: begin.regions.map { ($0.regionID, $0.sourceAddress) })
+        job = try LaneJob(lanes: plan.laneCount) { lane in
+            let chunks = plan.chunks(onLane: lane)
+            guard let first = chunks.first, let kind = kinds[first.regionID]?.transport else { return }
+            do {
+                switch kind {
+                case .gift, .pipeCopy:
+                    try PipeLaneReceiver(lane: lane, pipe: pipes[lane], gift: kind == .gift, control: control)
+                        .receive(chunks, destinations: destinations, checksums: sums)
+                case .processVmReadv:
+                    try RemoteLaneReader(sourcePID: begin.sourcePID, control: control)
+                        .receive(chunks, sourceAddresses: sourceAddresses, destinations: destinations, checksums: sums)
+                case .memfd:
+                    break
+                }
+            } catch {
+                control.cancel()
+                if !pipes.isEmpty { pipes[lane].close() }  // the sender sees EPIPE instead of waiting
+                throw error
+            }
+        }
+        for c in plan.chunks where c.lane == nil {
+            sums[c.index] = c.checksum(regionBase: destinations[c.regionID]!.base)
+        }
+    }
+
+    private func verify(_ digests: [UInt32: UInt64]) throws -> Mismatch? {
+        guard case let .verifying(_, table) = state, let plan, let checksums else { return nil }
+        try job?.wait()
+        for chunk in plan.chunks {
+            guard let want = expected[chunk.index] else {
+                return Mismatch(regionID: chunk.regionID, offset: chunk.offset, detail: "no checksum arrived for chunk \(chunk.index)")
+            }
+            let got = checksums[chunk.index]
+            if got != want {
+                return Mismatch(regionID: chunk.regionID, offset: chunk.offset,
+                                detail: "chunk \(chunk.index) checksum 0x\(String(got, radix: 16)) != sender's 0x\(String(want, radix: 16))")
+            }
+        }
+        let ours = plan.regionDigests(checksums: checksums.values, table: table)
+        for region in table.regions where ours[region.id] != digests[region.id] {
+            return Mismatch(regionID: region.id, offset: 0, detail: "region digest differs from the sender's")
+        }
+        return nil
+    }
+
+    private func sampleFrames() throws -> [SampledFrame] {
+        var out: [SampledFrame] = []
+        for (id, d) in destinations {
+            let offsets = TransferPlan.frameSampleOffsets(regionLength: d.region.length, pageSize: pageSize)
+            let frames = try MoveDetection.frames(base: d.base, regionLength: d.region.length, pageSize: pageSize)
+            out += zip(offsets, frames).map { SampledFrame(regionID: id, offset: $0, frame: $1) }
+        }
+        return out
+    }
+}

@@ -1,0 +1,211 @@
+import BatonCore
+import BatonSystem
+import BatonTransfer
+import Glibc
+
+/// The old instance's side: offers its regions to a new instance over `connection` and
+/// hands the bytes over. It assumes the VM is paused (gifted pages must not change), and
+/// keeps its own pages intact until `commit()`, so `abandon()` leaves it able to resume.
+public final class OldInstanceAgent {
+    public let connection: AgentConnection
+    public let options: HandoffOptions
+    let pageSize = PageSize(Host.pageSize)
+
+    public init(connection: AgentConnection, options: HandoffOptions) {
+        self.connection = connection
+        self.options = options
+    }
+
+    /// Chooses how each region travels before anything is sent, so an impossible request
+    /// fails in preflight rather than halfway.
+    public static func chooseTransports(_ sources: [SourceRegion], options: HandoffOptions, agreed: Capabilities) throws -> [UInt32: TransportKind] {
+        let streamDefault: TransportKind = agreed.contains(options.autoStreamTransport.capability) ? options.autoStreamTransport
+            : (agreed.contains(.gift) ? .gift : .pipeCopy)
+        var out: [UInt32: TransportKind] = [:]
+        for s in sources {
+            let id = s.region.id
+            let kind: TransportKind
+            switch options.transport {
+            case .gift: kind = .gift
+            case .copy: kind = agreed.contains(.processVmReadv) ? .processVmReadv : .pipeCopy
+            case .memfd:
+                guard s.memfd != nil else {
+                    throw AgentError.noTransport(regionID: id, wanted: "memfd", reason: "its memory is not backed by a memfd")
+                }
+                kind = .memfd
+            case .auto: kind = s.memfd != nil && agreed.contains(.memfd) ? .memfd : streamDefault
+            }
+            guard agreed.contains(kind.capability) else {
+                throw AgentError.noTransport(regionID: id, wanted: "\(kind)", reason: "the peer did not offer it")
+            }
+            out[id] = kind
+        }
+        return out
+    }
+
+    /// Runs hello → region table → transfer → verify. Returns with the receiver verified
+    /// and waiting for `commit`; throws (after telling the peer to abandon) otherwise.
+    public func handOff(_ sources: [SourceRegion]) throws -> PendingHandoff {
+        do {
+            return try run(sources)
+        } catch {
+            try? connection.send(.abandon(reason: "\(AgentError.wrap(error))"))
+            // A broken pipe usually means the receiver failed first: prefer its own reason.
+            if let reason = peerFailureReason() { throw AgentError.peerFailed(reason, after: "\(AgentError.wrap(error))") }
+            throw AgentError.wrap(error)
+        }
+    }
+
+    /// A `failure` the receiver already sent, read without waiting long.
+    private func peerFailureReason() -> String? {
+        guard (try? connection.socket.fd.wait(for: Int16(POLLIN), timeoutMilliseconds: 200)) == true else { return nil }
+        do {
+            _ = try connection.receive(whileIn: "failing")
+        } catch ProtocolError.peerFailed(_, let message) {
+            return message
+        } catch {}
+        return nil
+    }
+
+    private func run(_ sources: [SourceRegion]) throws -> PendingHandoff {
+        signal(SIGPIPE, SIG_IGN)  // a vanished reader must be EPIPE, not death
+        try connection.setTimeout(seconds: options.stallTimeoutSeconds)
+        try connection.authenticate(expectedUID: options.peerUID)
+        var report = TransferReport()
+
+        try connection.send(.hello(version: ProtocolVersion.current, oldestVersion: ProtocolVersion.oldestAccepted,
+                                   pageSize: UInt32(pageSize.bytes), capabilities: .all))
+        let (welcome, _) = try connection.receive(whileIn: "awaiting welcome")
+        guard case let .welcome(version, agreed) = welcome else {
+            throw ProtocolError.invalidMessage(state: "awaiting welcome", message: "\(welcome.command)")
+        }
+        guard ProtocolVersion.accepted.contains(version) else {
+            throw ProtocolError.unsupportedVersion(peer: version, accepted: ProtocolVersion.accepted)
+        }
+        connection.sessionVersion = version
+        report.protocolVersion = version
+
+        let kinds = try Self.chooseTransports(sources, options: options, agreed: agreed)
+        // Regions that arrive as a descriptor need no destination memory on the other side.
+        let regions = sources.map { s in
+            GuestRegion(id: s.region.id, guestAddress: s.region.guestAddress, length: s.region.length,
+                        flags: kinds[s.region.id] == .memfd ? s.region.flags.union(.arrivesAsDescriptor) : s.region.flags.subtracting(.arrivesAsDescriptor))
+        }
+        let table = try RegionTable(regions, pageSize: pageSize)
+        try connection.send(.regionTable(table))
+        let (ready, _) = try connection.receive(whileIn: "awaiting regionsReady")
+        guard case .regionsReady = ready else {
+            throw ProtocolError.invalidMessage(state: "awaiting regionsReady", message: "\(ready.command)")
+        }
+
+        let byID = Dictionary(uniqueKeysWithValues: sources.map { ($0.region.id, $0) })
+        let framesBefore = try Dictionary(uniqueKeysWithValues: sources.map {
+            ($0.region.id, try MoveDetection.frames(base: $0.base, regionLength: $0.region.length, pageSize: pageSize))
+        })
+
+        // Descriptors: pipe read ends first (one per lane), then memfds.
+        let piped = kinds.values.contains { $0 == .gift || $0 == .pipeCopy }
+        let lanes = max(1, min(options.lanes, 64))
+        let pipeLanes = piped ? try PipeLanes(count: lanes, requestedCapacity: options.pipeCapacity) : nil
+        var descriptors: [FileDescriptor] = pipeLanes?.pipes.map(\.readEnd) ?? []
+        var transfers: [RegionTransfer] = []
+        for s in sources {
+            let kind = kinds[s.region.id]!
+            var index: Int32 = -1
+            if kind == .memfd, let fd = s.memfd {
+                index = Int32(descriptors.count)
+                descriptors.append(fd)
+            }
+            transfers.append(RegionTransfer(regionID: s.region.id, transport: kind, descriptorIndex: index,
+                                            descriptorOffset: UInt64(s.memfdOffset), sourceAddress: UInt64(UInt(bitPattern: s.base))))
+        }
+        let begin = TransferBegin(lanes: UInt8(lanes), chunkSize: UInt32(options.chunkSize),
+                                  pipeCapacity: UInt32(pipeLanes?.capacity ?? 0), sourcePID: getpid(),
+                                  fullVerification: options.fullVerification, regions: transfers, descriptorCount: descriptors.count)
+        let plan = try TransferPlan(table: table, transfers: transfers, lanes: lanes, chunkSize: options.chunkSize,
+                                    fullVerification: options.fullVerification)
+        report.lanes = lanes
+        report.pipeCapacity = pipeLanes?.capacity ?? 0
+        report.pipeSizeRefusals = pipeLanes?.refusals.map(\.description) ?? []
+        report.chunkCount = plan.chunks.count
+        report.bytes = table.totalBytes
+
+        let started = Host.monotonicNanoseconds()
+        try connection.send(.transferBegin(begin), descriptors: descriptors)
+        pipeLanes?.pipes.forEach { $0.readEnd.close() }  // only the receiver reads: its exit must give us EPIPE
+
+        let checksums = ChunkChecksums(count: plan.chunks.count)
+        let control = TransferControl(stallTimeoutSeconds: options.stallTimeoutSeconds)
+        try LaneThreads.run(lanes: lanes) { lane in
+            let chunks = plan.chunks(onLane: lane)
+            guard let first = chunks.first else { return }
+            switch kinds[first.regionID]! {
+            case .gift, .pipeCopy:
+                let pipe = pipeLanes!.pipes[lane].writeEnd
+                try PipeLaneSender(lane: lane, pipe: pipe, gift: kinds[first.regionID] == .gift, control: control)
+                    .send(chunks, sources: byID, checksums: checksums)
+                pipe.close()
+            case .processVmReadv, .memfd:
+                for c in chunks { checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base) }
+            }
+        }
+        for c in plan.chunks where c.lane == nil { checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base) }
+        report.sendSeconds = Double(Host.monotonicNanoseconds() - started) / 1e9
+
+        let sums = checksums.values
+        let batch = Int(MessageHeader.maximumPayload / 8) - 2
+        var first = 0
+        while first < sums.count {
+            let slice = Array(sums[first..<min(sums.count, first + batch)])
+            try connection.send(.chunkChecksums(firstChunk: UInt32(first), checksums: slice))
+            first += slice.count
+        }
+        try connection.send(.transferEnd(chunkCount: UInt32(sums.count), bytes: table.totalBytes))
+        try connection.send(.verify(digests: plan.regionDigests(checksums: sums, table: table)))
+        let (result, _) = try connection.receive(whileIn: "awaiting verifyResult")
+        guard case let .verifyResult(mismatch, frames) = result else {
+            throw ProtocolError.invalidMessage(state: "awaiting verifyResult", message: "\(result.command)")
+        }
+        if let mismatch { throw AgentError.integrity(mismatch) }
+        report.transferAndVerifySeconds = Double(Host.monotonicNanoseconds() - started) / 1e9
+        report.verified = true
+        report.injectedFaults = SyscallFaults.shared.injectedCounts()
+
+        for s in sources {
+            let after = frames.filter { $0.regionID == s.region.id }.sorted { $0.offset < $1.offset }.map(\.frame)
+            let stillResident = try PageMap.residentPages(base: s.base, length: Int(s.region.length), pageSize: pageSize.bytes) > 0
+            let disposition = MoveDetection.disposition(before: framesBefore[s.region.id]!, after: after, sourceStillResident: stillResident)
+            report.regions.append(RegionReport(id: s.region.id, transport: "\(kinds[s.region.id]!)", bytes: s.region.length, pages: disposition))
+        }
+        return PendingHandoff(connection: connection, report: report)
+    }
+}
+
+/// A verified handoff waiting for the controller's decision. Until `commit()` returns,
+/// the old instance's memory is intact and it can resume.
+public final class PendingHandoff {
+    public let connection: AgentConnection
+    public let report: TransferReport
+
+    init(connection: AgentConnection, report: TransferReport) {
+        self.connection = connection
+        self.report = report
+    }
+
+    /// The one explicit commit step: after it the new instance owns the guest.
+    public func commit() throws {
+        do {
+            try connection.send(.commit)
+            let (reply, _) = try connection.receive(whileIn: "awaiting committed")
+            guard case .committed = reply else {
+                throw ProtocolError.invalidMessage(state: "awaiting committed", message: "\(reply.command)")
+            }
+        } catch {
+            throw AgentError.wrap(error)
+        }
+    }
+
+    public func abandon(reason: String) {
+        try? connection.send(.abandon(reason: reason))
+    }
+}

@@ -1,0 +1,102 @@
+import ArgumentParser
+import BatonAgent
+import BatonCore
+import BatonSystem
+import BatonTestSupport
+import BatonTransfer
+import Foundation
+import Glibc
+
+/// The two agents as standalone processes, for two-process tests, `baton bench` and
+/// debugging. A hypervisor embeds the same agents in-process.
+struct AgentCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "agent",
+        abstract: "Run one side of a handoff as its own process (tests, benchmarks, debugging).",
+        subcommands: [Receive.self, Send.self])
+
+    struct Receive: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Listen on a socket and receive one handoff (new-instance agent).")
+
+        @Option(help: "Unix socket path to listen on (created 0600).")
+        var socket: String
+
+        @Option(help: "After commit, check every byte against the test pattern with this seed.")
+        var seed: UInt64?
+
+        @Option(help: "Seconds without progress before the peer counts as stalled.")
+        var timeout: Double = 10
+
+        func run() throws {
+            var outcome = ReceiverOutcome()
+            let listener = try UnixListener(path: socket)
+            defer { listener.remove() }
+            do {
+                let connection = AgentConnection(socket: try listener.accept(timeoutSeconds: timeout))
+                let agent = NewInstanceAgent(connection: connection, stallTimeoutSeconds: timeout)
+                let regions = try agent.receive()
+                // Peak before the pattern check below touches every byte again.
+                outcome.peakRssBytes = Host.statusBytes("VmHWM") ?? 0
+                outcome.committed = true
+                outcome.bytes = regions.reduce(0) { $0 + $1.region.length }
+                if let seed {
+                    outcome.patternChecked = true
+                    for d in regions where outcome.patternMismatchOffset == nil {
+                        outcome.patternMismatchOffset = TestPattern.firstMismatch(d.base, count: Int(d.region.length), seed: seed,
+                                                                                  firstWord: d.region.guestAddress / 8)
+                            .map { Int(d.region.guestAddress) + $0 }
+                    }
+                }
+            } catch {
+                outcome.error = "\(error)"
+            }
+            if outcome.peakRssBytes == 0 { outcome.peakRssBytes = Host.statusBytes("VmHWM") ?? 0 }
+            printJSON(outcome)
+            if let error = outcome.error {
+                throw fail(error, error.contains("integrity") ? .integrity : error.contains("refused peer") ? .peerRefused : .handoffRolledBack)
+            }
+        }
+    }
+
+    struct Send: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Fill a test region and hand it to a receiver (old-instance agent).")
+
+        @Option(help: "Receiver's Unix socket.")
+        var socket: String
+
+        @Option(help: "Region size (e.g. 256MiB).")
+        var size: String = "64MiB"
+
+        @Option(help: "gift | memfd | copy | auto")
+        var transport: TransportChoice = .auto
+
+        @Flag(help: "Back the region with a memfd (needed for the memfd transport).")
+        var memfd = false
+
+        @Option(help: "Test pattern seed.")
+        var seed: UInt64 = 1
+
+        @Option(help: "Seconds without progress before the peer counts as stalled.")
+        var timeout: Double = 10
+
+        func run() throws {
+            let bytes = try parseSize(size, option: "--size")
+            let mapping = memfd ? try MemoryMapping.memfd(name: "baton-agent", length: bytes) : try MemoryMapping.anonymous(length: bytes)
+            TestPattern.fill(mapping.base, count: bytes, seed: seed)
+            var options = HandoffOptions()
+            options.transport = transport
+            options.stallTimeoutSeconds = timeout
+            do {
+                let connection = AgentConnection(socket: try UnixSocket.connect(path: socket))
+                let pending = try OldInstanceAgent(connection: connection, options: options)
+                    .handOff([SourceRegion(id: 0, guestAddress: 0, mapping: mapping)])
+                try pending.commit()
+                printJSON(pending.report)
+            } catch {
+                throw fail("\(error)", "\(error)".contains("refused peer") ? .peerRefused : .handoffRolledBack)
+            }
+        }
+    }
+}
+
+extension TransportChoice: ExpressibleByArgument {}

@@ -1,0 +1,52 @@
+import ArgumentParser
+import BatonCore
+import Foundation
+
+/// `baton`: one CLI for operators. Exit codes are documented in README.md and here.
+public struct BatonCommand: ParsableCommand {
+    public static let configuration = CommandConfiguration(
+        commandName: "baton",
+        abstract: "Hand a running VM's guest RAM from an old hypervisor process to a new one.",
+        subcommands: [CheckCommand.self, BenchCommand.self, DemoCommand.self, AgentCommand.self]
+    )
+    public init() {}
+}
+
+/// Every non-zero exit of `baton`, one meaning each.
+public enum BatonExit: Int32 {
+    case ok = 0
+    /// Something failed that is not covered below (the message says what).
+    case failure = 1
+    /// `baton check`: a required capability is missing.
+    case checkFailed = 2
+    /// The handoff failed before commit and was rolled back; the old instance keeps the guest.
+    case handoffRolledBack = 3
+    /// A checksum or digest mismatch (also rolled back); the message names region and offset.
+    case integrity = 4
+    /// The peer was refused: wrong uid, wrong protocol version or dialect.
+    case peerRefused = 5
+    /// Bad command-line input (ArgumentParser's EX_USAGE).
+    case usage = 64
+
+    var code: ExitCode { ExitCode(rawValue) }
+}
+
+/// Prints one line to stderr: `baton: <what>`.
+func fail(_ message: String, _ exit: BatonExit) -> ExitCode {
+    FileHandle.standardError.write(Data("baton: \(message)\n".utf8))
+    return exit.code
+}
+
+func parseSize(_ text: String, option: String) throws -> Int {
+    guard let size = ByteSize(parsing: text), size.bytes > 0 else {
+        throw ValidationError("\(option): '\(text)' is not a size (examples: 4096, 256MiB, 1GiB)")
+    }
+    return size.bytes
+}
+
+func printJSON<T: Encodable>(_ value: T) {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys]
+    let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
+    print(String(decoding: data, as: UTF8.self))
+}

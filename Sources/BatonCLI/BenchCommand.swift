@@ -1,0 +1,67 @@
+import ArgumentParser
+import BatonAgent
+import BatonCore
+import BatonSystem
+import Foundation
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Benchmarks (figures, never assertions).",
+        subcommands: [Transfer.self])
+
+    struct Transfer: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Every transport between two real processes, side by side with memcpy of the same size.")
+
+        @Option(help: "Comma-separated sizes (e.g. 256MiB,1GiB).")
+        var size: String = "1GiB"
+
+        @Option(help: "Repetitions per transport (min/median/max are reported).")
+        var runs: Int = 5
+
+        @Option(help: "Comma-separated transports among gift,memfd,copy,auto.")
+        var transports: String = "gift,memfd,copy"
+
+        @Option(help: "Lanes (pipes / reader threads); default: online CPUs.")
+        var lanes: Int = Host.onlineCPUs
+
+        @Option(help: "Requested pipe capacity; default /proc/sys/fs/pipe-max-size.")
+        var pipeSize: String?
+
+        @Flag(help: "Print one JSON object.")
+        var json = false
+
+        func validate() throws {
+            guard runs >= 1 else { throw ValidationError("--runs must be at least 1") }
+            guard (1...64).contains(lanes) else { throw ValidationError("--lanes must be 1...64") }
+            for t in transports.split(separator: ",") where TransportChoice(rawValue: String(t)) == nil {
+                throw ValidationError("--transports: unknown transport '\(t)' (gift, memfd, copy, auto)")
+            }
+        }
+
+        func run() throws {
+            var options = HandoffOptions()
+            options.lanes = lanes
+            if let pipeSize { options.pipeCapacity = try parseSize(pipeSize, option: "--pipe-size") }
+            let bench = TransferBenchmark(
+                sizes: try size.split(separator: ",").map { try parseSize(String($0), option: "--size") },
+                runs: runs,
+                transports: transports.split(separator: ",").compactMap { TransportChoice(rawValue: String($0)) },
+                options: options,
+                progress: { line in if !json { FileHandle.standardError.write(Data((line + "\n").utf8)) } })
+            let report = try bench.run()
+            if json { printJSON(report); return }
+            func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
+            print(pad("transport", 10) + pad("size", 8) + pad("median s", 10) + pad("min s", 10) + pad("max s", 10)
+                  + pad("GiB/s", 8) + pad("×memcpy", 9) + pad("peak RSS", 10) + pad("pages", 8) + "verified")
+            for r in report.results {
+                let rss = r.peakRssBytes > 0 ? "\((r.peakRssBytes + (1 << 20) - 1) >> 20)MiB" : "-"
+                print(pad(r.transport, 10) + pad("\(ByteSize(r.bytes))", 8) + pad(String(format: "%.4f", r.seconds.median), 10)
+                      + pad(String(format: "%.4f", r.seconds.min), 10) + pad(String(format: "%.4f", r.seconds.max), 10)
+                      + pad(String(format: "%.2f", r.gibPerSecond), 8) + pad(String(format: "%.2f", r.ratioToMemcpy), 9)
+                      + pad(rss, 10) + pad(r.pageDisposition, 8) + (r.verified ? "yes" : "NO"))
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+import BatonAgent
+import BatonCore
+import BatonSystem
+import BatonTestSupport
+import BatonTransfer
+import Foundation
+import Glibc
+
+/// min / median / max of repeated runs.
+public struct Spread: Codable, Sendable {
+    public let min: Double
+    public let median: Double
+    public let max: Double
+
+    public init(_ samples: [Double]) {
+        let s = samples.sorted()
+        min = s.first ?? 0
+        max = s.last ?? 0
+        median = s.isEmpty ? 0 : (s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2)
+    }
+}
+
+public struct BenchResult: Codable, Sendable {
+    public let transport: String
+    public let bytes: Int
+    public let runs: Int
+    public let seconds: Spread
+    public let gibPerSecond: Double
+    /// Median memcpy time / median time of this path, measured in the same run.
+    public let ratioToMemcpy: Double
+    /// Largest sum of both processes' VmHWM over the runs: an upper bound on their combined peak.
+    public let peakRssBytes: Int
+    public let peakRssOverGuestBytes: Int
+    public let pagesMoved: Bool
+    public let pageDisposition: String
+    public let verified: Bool
+    public let lanes: Int
+    public let pipeCapacity: Int
+    public let note: String
+}
+
+public struct BenchReport: Codable, Sendable {
+    public let host: String
+    public let kernel: String
+    public let command: String
+    public let results: [BenchResult]
+}
+
+/// Every transport side by side with a memcpy of the same size, in one run, between two
+/// real processes (this one sends; a spawned `baton agent receive` receives and checks
+/// every byte against the pattern after commit).
+public struct TransferBenchmark {
+    public var sizes: [Int]
+    public var runs: Int
+    public var transports: [TransportChoice]
+    public var options: HandoffOptions
+    public var progress: (String) -> Void
+
+    public func run() throws -> BenchReport {
+        var results: [BenchResult] = []
+        for size in sizes {
+            let memcpyTimes = try measureMemcpy(size: size)
+            let memcpyMedian = Spread(memcpyTimes).median
+            results.append(BenchResult(transport: "memcpy", bytes: size, runs: memcpyTimes.count, seconds: Spread(memcpyTimes),
+                                       gibPerSecond: gib(size, memcpyMedian), ratioToMemcpy: 1, peakRssBytes: 0, peakRssOverGuestBytes: 0,
+                                       pagesMoved: false, pageDisposition: "copied", verified: true, lanes: 1, pipeCapacity: 0,
+                                       note: "single-threaded memcpy into a pre-faulted THP destination, same process"))
+            for transport in transports {
+                results.append(try measure(transport, size: size, memcpyMedian: memcpyMedian))
+            }
+        }
+        var u = utsname()
+        uname(&u)
+        let release = withUnsafeBytes(of: u.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        return BenchReport(host: ProcessInfo.processInfo.hostName, kernel: release,
+                           command: CommandLine.arguments.joined(separator: " "), results: results)
+    }
+
+    func gib(_ bytes: Int, _ seconds: Double) -> Double { seconds > 0 ? Double(bytes) / Double(1 << 30) / seconds : 0 }
+
+    func measureMemcpy(size: Int) throws -> [Double] {
+        let src = try MemoryMapping.anonymous(length: size)
+        let dst = try MemoryMapping.anonymous(length: size)
+        for m in [src, dst] { m.adviseHugePages(); m.prefault(pageSize: Host.pageSize) }
+        TestPattern.fill(src.base, count: size, seed: 7)
+        var times: [Double] = []
+        for _ in 0..<runs {
+            let t0 = Host.monotonicNanoseconds()
+            memcpy(dst.base, src.base, size)
+            times.append(Double(Host.monotonicNanoseconds() - t0) / 1e9)
+        }
+        guard memcmp(dst.base, src.base, size) == 0 else { throw BenchError("memcpy baseline produced different bytes") }
+        return times
+    }
+
+    struct BenchError: Error, CustomStringConvertible {
+        let description: String
+        init(_ d: String) { description = d }
+    }
+
+    func measure(_ transport: TransportChoice, size: Int, memcpyMedian: Double) throws -> BenchResult {
+        let seed: UInt64 = 0xBA70_0000 + UInt64(size)
+        let mapping = transport == .memfd ? try MemoryMapping.memfd(name: "baton-bench", length: size) : try MemoryMapping.anonymous(length: size)
+        mapping.adviseHugePages()
+        TestPattern.fill(mapping.base, count: size, seed: seed)
+        let dir = try BatonProcess.makeRunDirectory("bench")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var times: [Double] = []
+        var peak = 0
+        var verified = true
+        var last: TransferReport?
+        for run in 0..<runs {
+            progress("bench: \(transport) \(ByteSize(size)) run \(run + 1)/\(runs)")
+            let socket = "\(dir)/agent-\(run).sock"
+            let receiver = try BatonProcess(["agent", "receive", "--socket", socket, "--seed", "\(seed)"])
+            guard BatonProcess.waitForPath(socket) else {
+                receiver.kill()
+                throw BenchError("receiver did not listen on \(socket): \(receiver.finish().stderr)")
+            }
+            var options = self.options
+            options.transport = transport
+            Host.resetPeakRSS()
+            let connection = AgentConnection(socket: try UnixSocket.connect(path: socket))
+            let pending = try OldInstanceAgent(connection: connection, options: options)
+                .handOff([SourceRegion(id: 0, guestAddress: 0, mapping: mapping)])
+            try pending.commit()
+            let senderPeak = Host.statusBytes("VmHWM") ?? 0
+            let done = receiver.finish()
+            guard done.status == 0, let outcome = ReceiverOutcome.parse(done.stdout) else {
+                throw BenchError("receiver failed (\(done.status)): \(done.stderr)")
+            }
+            verified = verified && pending.report.verified && outcome.patternChecked && outcome.patternMismatchOffset == nil
+            peak = max(peak, senderPeak + outcome.peakRssBytes)
+            times.append(pending.report.transferAndVerifySeconds)
+            last = pending.report
+        }
+        let spread = Spread(times)
+        let report = last!
+        let disposition = Set(report.regions.map(\.pages.rawValue)).sorted().joined(separator: ",")
+        let kinds = Set(report.regions.map(\.transport)).sorted().joined(separator: ",")
+        return BenchResult(transport: transport.rawValue, bytes: size, runs: runs, seconds: spread,
+                           gibPerSecond: gib(size, spread.median), ratioToMemcpy: spread.median > 0 ? memcpyMedian / spread.median : 0,
+                           peakRssBytes: peak, peakRssOverGuestBytes: peak - size, pagesMoved: report.pagesMoved,
+                           pageDisposition: disposition, verified: verified, lanes: report.lanes, pipeCapacity: report.pipeCapacity,
+                           note: "\(kinds); timed from transferBegin to the receiver's verified reply (checksums on both sides included); destination pre-faulted before the timer")
+    }
+}

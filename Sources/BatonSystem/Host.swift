@@ -1,0 +1,54 @@
+import CBatonLinux
+import Glibc
+
+/// Facts about this host and this process that transfers and reports need.
+public enum Host {
+    public static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+    public static let onlineCPUs = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+
+    /// Pins the calling thread to one CPU (pthread_setaffinity_np); false if refused.
+    @discardableResult
+    public static func pinCurrentThread(to cpu: Int) -> Bool {
+        cbaton_pin_current_thread(Int32(cpu % onlineCPUs)) == 0
+    }
+
+    /// Reads a whole small file such as one under /proc or /sys; nil if it cannot be read.
+    public static func readSmallFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            out += buffer.prefix(n)
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// A `Key:   N kB` field of /proc/PID/status (VmRSS, VmHWM, ...), in bytes.
+    public static func statusBytes(_ key: String, pid: String = "self") -> Int? {
+        guard let text = readSmallFile("/proc/\(pid)/status") else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix(key + ":") {
+            let digits = line.dropFirst(key.count + 1).filter { $0.isNumber }
+            return Int(digits).map { $0 * 1024 }
+        }
+        return nil
+    }
+
+    /// Resets this process's peak RSS (VmHWM) so the next reading covers only what follows.
+    public static func resetPeakRSS() {
+        let fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        _ = write(fd, "5", 1)
+        close(fd)
+    }
+
+    public static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+}

@@ -1,0 +1,47 @@
+import BatonCore
+import BatonSystem
+import Glibc
+
+/// The `copy` transport's receiver side: one lane's chunks read straight out of the
+/// sender's address space with process_vm_readv (one copy, no pipe), then checksummed.
+public struct RemoteLaneReader {
+    public let sourcePID: pid_t
+    public let control: TransferControl
+    public let faults: FaultPlan
+
+    public init(sourcePID: pid_t, control: TransferControl, faults: FaultPlan = .fromEnvironment) {
+        self.sourcePID = sourcePID
+        self.control = control
+        self.faults = faults
+    }
+
+    public func receive(_ chunks: [Chunk], sourceAddresses: [UInt32: UInt64], destinations: [UInt32: DestinationRegion], checksums: ChunkChecksums) throws {
+        for chunk in chunks {
+            if control.isCancelled { throw TransferError.cancelled }
+            guard let dest = destinations[chunk.regionID], let remoteBase = sourceAddresses[chunk.regionID] else {
+                throw TransferError.destinationMissing(regionID: chunk.regionID)
+            }
+            let local = dest.base + Int(chunk.offset)
+            var done = 0
+            let length = Int(chunk.length)
+            while done < length {
+                var l = iovec(iov_base: local + done, iov_len: length - done)
+                var r = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: UInt(remoteBase + chunk.offset) + UInt(done)), iov_len: length - done)
+                let n: Int
+                do {
+                    n = try ProcessMemory.read(from: sourcePID, local: UnsafeBufferPointer(start: &l, count: 1), remote: UnsafeBufferPointer(start: &r, count: 1))
+                } catch let e as SyscallError {
+                    throw TransferError.syscall(e, regionID: chunk.regionID, offset: chunk.offset + UInt64(done))
+                }
+                if n == 0 {
+                    throw TransferError.pipeClosedEarly(lane: chunk.lane ?? 0, regionID: chunk.regionID, offset: chunk.offset,
+                                                        received: UInt64(done), expected: chunk.length)
+                }
+                done += n
+            }
+            if faults.corruptChunk == chunk.index { local.storeBytes(of: local.load(as: UInt8.self) ^ 0x5A, as: UInt8.self) }
+            checksums[chunk.index] = chunk.checksum(regionBase: dest.base)
+            if faults.killReceiverAfterChunk == chunk.index { kill(getpid(), SIGKILL) }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+import BatonSystem
+import Glibc
+import Synchronization
+
+/// Shared by the lanes of one transfer: a cancel flag any lane or the agent can raise,
+/// and the stall timeout after which a silent peer is an error instead of a hang.
+public final class TransferControl: Sendable {
+    private let cancelled = Atomic<Bool>(false)
+    public let stallTimeoutMilliseconds: Int32
+
+    public init(stallTimeoutSeconds: Double = 10) {
+        stallTimeoutMilliseconds = Int32(stallTimeoutSeconds * 1000)
+    }
+
+    public var isCancelled: Bool { cancelled.load(ordering: .acquiring) }
+    public func cancel() { cancelled.store(true, ordering: .releasing) }
+
+    /// Waits (in slices, so cancellation is seen) until `fd` is ready or the stall timeout passes.
+    func waitReady(_ fd: FileDescriptor, events: Int16, what: @autoclosure () -> String) throws {
+        var waited: Int32 = 0
+        let slice: Int32 = 100
+        while true {
+            if isCancelled { throw TransferError.cancelled }
+            if try fd.wait(for: events, timeoutMilliseconds: slice) { return }
+            waited += slice
+            if waited >= stallTimeoutMilliseconds {
+                throw TransferError.stalled(what: what(), seconds: Double(stallTimeoutMilliseconds) / 1000)
+            }
+        }
+    }
+}
+
+public enum TransferError: Error, CustomStringConvertible, Equatable {
+    case cancelled
+    case stalled(what: String, seconds: Double)
+    case pipeClosedEarly(lane: Int, regionID: UInt32, offset: UInt64, received: UInt64, expected: UInt64)
+    case syscall(SyscallError, regionID: UInt32, offset: UInt64)
+    case destinationMissing(regionID: UInt32)
+    case descriptorMissing(regionID: UInt32, index: Int32)
+    case memfdTooSmall(regionID: UInt32, size: Int, needed: Int)
+    case injected(String)
+
+    public var description: String {
+        switch self {
+        case .cancelled: "transfer cancelled"
+        case .stalled(let what, let s): "peer stalled: no progress on \(what) for \(s) s"
+        case let .pipeClosedEarly(lane, region, offset, received, expected):
+            "pipe of lane \(lane) closed early: region \(region) offset 0x\(String(offset, radix: 16)) got \(received) of \(expected) bytes"
+        case let .syscall(e, region, offset): "\(e) (region \(region) offset 0x\(String(offset, radix: 16)))"
+        case .destinationMissing(let id): "no destination mapping for region \(id)"
+        case let .descriptorMissing(id, index): "memfd region \(id) refers to descriptor \(index), which did not arrive"
+        case let .memfdTooSmall(id, size, needed): "memfd of region \(id) holds \(size) bytes, region needs \(needed)"
+        case .injected(let what): "injected fault: \(what)"
+        }
+    }
+}

@@ -1,0 +1,213 @@
+import BatonCore
+import Testing
+
+func hex(_ bytes: [UInt8]) -> String { bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined() }
+func unhex(_ s: String) -> [UInt8] {
+    let chars = Array(s.filter { !$0.isWhitespace })
+    return stride(from: 0, to: chars.count, by: 2).map { UInt8(String(chars[$0...$0 + 1]), radix: 16)! }
+}
+
+let page = PageSize(4096)
+let sampleTable = try! RegionTable([
+    GuestRegion(id: 0, guestAddress: 0, length: 0x10000),
+    GuestRegion(id: 7, guestAddress: 0x100000, length: 0x2000, flags: [.fileBacked, .arrivesAsDescriptor]),
+], pageSize: page)
+
+/// Every message with its checked-in encoding. A changed layout must change these on
+/// purpose, together with ProtocolVersion.current and Docs/PROTOCOL.md.
+let goldenMessages: [(String, Message, String)] = [
+    ("hello", .hello(version: 1, oldestVersion: 1, pageSize: 4096, capabilities: .all),
+     "4241544e 0100 0100 00 00 0000 10000000  0100 0100 00100000 0f00000000000000"),
+    ("welcome", .welcome(version: 1, capabilities: [.gift, .memfd]),
+     "4241544e 0100 0200 00 00 0000 0c000000  0100 0000 0300000000000000"),
+    ("regionTable", .regionTable(sampleTable),
+     "4241544e 0100 0300 00 00 0000 38000000  00100000 02000000"
+        + " 00000000 00000000 0000000000000000 0000010000000000"
+        + " 07000000 03000000 0000100000000000 0020000000000000"),
+    ("regionsReady", .regionsReady(rollbackDescriptors: 0),
+     "4241544e 0100 0400 00 00 0000 01000000  00"),
+    ("transferBegin", .transferBegin(TransferBegin(lanes: 2, chunkSize: 1 << 20, pipeCapacity: 1 << 20, sourcePID: 4242,
+                                                   fullVerification: false, regions: [
+                                                       RegionTransfer(regionID: 0, transport: .gift, sourceAddress: 0x7f00_0000_0000),
+                                                       RegionTransfer(regionID: 7, transport: .memfd, descriptorIndex: 2, descriptorOffset: 0x1000),
+                                                   ], descriptorCount: 3)),
+     "4241544e 0100 0500 03 00 0000 4c000000  02 00 0300 00001000 00001000 92100000 02000000"
+        + " 00000000 01 00 0000 ffffffff 0000000000000000 00000000007f0000"
+        + " 07000000 02 00 0000 02000000 0010000000000000 0000000000000000"),
+    ("chunkChecksums", .chunkChecksums(firstChunk: 4, checksums: [0x1122_3344_5566_7788, 1]),
+     "4241544e 0100 0600 00 00 0000 18000000  04000000 02000000 8877665544332211 0100000000000000"),
+    ("transferEnd", .transferEnd(chunkCount: 14, bytes: 0x1_0000_0000),
+     "4241544e 0100 0700 00 00 0000 0c000000  0e000000 0000000001000000"),
+    ("verify", .verify(digests: [7: 0xAB, 0: 0xCD]),
+     "4241544e 0100 0800 00 00 0000 1c000000  02000000 00000000 cd00000000000000 07000000 ab00000000000000"),
+    ("verifyResult ok", .verifyResult(mismatch: nil, frames: [SampledFrame(regionID: 0, offset: 0x1000, frame: 0x1234)]),
+     "4241544e 0100 0900 00 00 0000 19000000  00 01000000 00000000 0010000000000000 3412000000000000"),
+    ("verifyResult mismatch", .verifyResult(mismatch: Mismatch(regionID: 7, offset: 0x2000, detail: "bad"), frames: []),
+     "4241544e 0100 0900 00 00 0000 16000000  01 07000000 0020000000000000 0300 626164 00000000"),
+    ("commit", .commit, "4241544e 0100 0a00 00 00 0000 00000000"),
+    ("committed", .committed, "4241544e 0100 0b00 00 00 0000 00000000"),
+    ("abandon", .abandon(reason: "stop"), "4241544e 0100 0c00 00 00 0000 06000000  0400 73746f70"),
+    ("failure", .failure(code: 2, message: "no"), "4241544e 0100 0d00 00 00 0000 06000000  0200 0200 6e6f"),
+]
+
+func decodeFull(_ bytes: [UInt8]) throws -> Message {
+    let header = try MessageHeader.decode(bytes)
+    return try Message.decode(header: header, payload: Array(bytes.dropFirst(MessageHeader.size)))
+}
+
+@Suite("Wire protocol")
+struct ProtocolTests {
+    @Test("every message encodes to its golden bytes and decodes back", arguments: goldenMessages.indices)
+    func golden(_ i: Int) throws {
+        let (name, message, golden) = goldenMessages[i]
+        let encoded = message.encoded()
+        #expect(hex(encoded) == hex(unhex(golden)), "\(name): got \(hex(encoded))")
+        #expect(try decodeFull(unhex(golden)) == message, "\(name)")
+    }
+
+    @Test("the golden set covers every command")
+    func coversEveryCommand() {
+        #expect(Set(goldenMessages.map(\.1.command)) == Set(Command.allCases))
+    }
+
+    @Test("headers with a foreign magic, unknown command or oversize length are refused from the header alone")
+    func badHeaders() {
+        var foreign = Message.commit.encoded()
+        foreign[0] = 0x47  // "GATN"
+        #expect(throws: ProtocolError.badMagic(0x4E54_4147)) { try MessageHeader.decode(foreign) }
+        var unknown = Message.commit.encoded()
+        unknown[6] = 0x99
+        #expect(throws: ProtocolError.unknownCommand(0x99)) { try MessageHeader.decode(unknown) }
+        #expect((try? MessageHeader.decode(unknown)) == nil)
+        #expect(ProtocolError.unknownCommand(0x99).description == "unknown command 0x99")
+        var big = MessageHeader(version: 1, command: Command.verify.rawValue, descriptorCount: 0, payloadLength: MessageHeader.maximumPayload + 1).encoded()
+        big += [0, 0]
+        #expect(throws: ProtocolError.oversizeMessage(command: 8, length: MessageHeader.maximumPayload + 1, limit: MessageHeader.maximumPayload)) {
+            try MessageHeader.decode(big)
+        }
+        #expect(throws: ProtocolError.truncatedHeader(received: 5)) { try MessageHeader.decode([1, 2, 3, 4, 5]) }
+    }
+
+    @Test("truncated, padded and lying payloads are refused with the field named")
+    func badPayloads() throws {
+        let full = Message.transferEnd(chunkCount: 14, bytes: 99).encoded()
+        let header = try MessageHeader.decode(full)
+        #expect(throws: ProtocolError.truncatedPayload(field: "bytes", needed: 8, available: 4)) {
+            try Message.decode(header: header, payload: Array(full.dropFirst(16).prefix(8)))
+        }
+        #expect(throws: ProtocolError.trailingBytes(command: "transferEnd", count: 1)) {
+            try Message.decode(header: header, payload: Array(full.dropFirst(16)) + [0])
+        }
+        // A count that promises more records than the payload holds.
+        var lying = WireWriter()
+        lying.u32(0); lying.u32(1_000_000)
+        let h = MessageHeader(version: 1, command: Command.chunkChecksums.rawValue, descriptorCount: 0, payloadLength: UInt32(lying.bytes.count))
+        #expect(throws: ProtocolError.truncatedPayload(field: "checksum count", needed: 8_000_000, available: 0)) {
+            try Message.decode(header: h, payload: lying.bytes)
+        }
+        // Overlapping regions on the wire are a bad region table, named.
+        var w = WireWriter()
+        w.u32(4096); w.u32(2)
+        w.u32(0); w.u32(0); w.u64(0); w.u64(0x3000)
+        w.u32(1); w.u32(0); w.u64(0x2000); w.u64(0x1000)
+        let rh = MessageHeader(version: 1, command: Command.regionTable.rawValue, descriptorCount: 0, payloadLength: UInt32(w.bytes.count))
+        #expect(throws: ProtocolError.badRegionTable(.overlap(region: 1, with: 0, at: 0x2000))) { try Message.decode(header: rh, payload: w.bytes) }
+        // Descriptor counts must match what the message says it carries.
+        let begin = goldenMessages.first { $0.0 == "transferBegin" }!.1.encoded()
+        var bh = try MessageHeader.decode(begin)
+        bh.descriptorCount = 1
+        #expect(throws: ProtocolError.unexpectedDescriptors(command: "transferBegin", expected: 3, received: 1)) {
+            try Message.decode(header: bh, payload: Array(begin.dropFirst(16)))
+        }
+    }
+}
+
+@Suite("Receiver state machine")
+struct ReceiverMachineTests {
+    let machine = ReceiverMachine(localCapabilities: .all, pageSize: page)
+    let hello = Message.hello(version: ProtocolVersion.current, oldestVersion: ProtocolVersion.oldestAccepted, pageSize: 4096, capabilities: [.gift, .processVmReadv])
+    var begin: TransferBegin {
+        TransferBegin(lanes: 1, chunkSize: 1 << 20, pipeCapacity: 1 << 20, sourcePID: 1, fullVerification: false,
+                      regions: [RegionTransfer(regionID: 0, transport: .gift), RegionTransfer(regionID: 7, transport: .gift)], descriptorCount: 1)
+    }
+
+    @Test("the happy path: hello → regions → transfer → verify → commit")
+    func happyPath() throws {
+        var (state, action) = try machine.step(.awaitingHello, hello)
+        #expect(action == .reply(.welcome(version: ProtocolVersion.current, capabilities: [.gift, .processVmReadv])))
+        (state, action) = try machine.step(state, .regionTable(sampleTable))
+        #expect(action == .prepareDestinations(sampleTable))
+        (state, action) = try machine.step(state, .transferBegin(begin))
+        guard case .startReceiving(let plan, _) = action else { Issue.record("expected startReceiving, got \(action)"); return }
+        #expect(plan.chunks.count == 1 + 1)
+        (state, action) = try machine.step(state, .chunkChecksums(firstChunk: 0, checksums: [1, 2]))
+        #expect(action == .recordChecksums(firstChunk: 0, checksums: [1, 2]))
+        (state, action) = try machine.step(state, .transferEnd(chunkCount: 2, bytes: 0x12000))
+        (state, action) = try machine.step(state, .verify(digests: [0: 1, 7: 2]))
+        #expect(action == .verify(expectedDigests: [0: 1, 7: 2]))
+        #expect(throws: ProtocolError.invalidMessage(state: "verifying", message: "commit")) { try machine.step(state, .commit) }
+        state = machine.verificationFinished(state, mismatch: nil)
+        (state, action) = try machine.step(state, .commit)
+        #expect(action == .commit)
+        #expect(state == .committed(sampleTable))
+        #expect(state.isFinal)
+    }
+
+    @Test("a mismatch fails the handoff and names region and offset")
+    func mismatchFails() throws {
+        var (state, _) = try machine.step(.awaitingHello, hello)
+        (state, _) = try machine.step(state, .regionTable(sampleTable))
+        (state, _) = try machine.step(state, .transferBegin(begin))
+        (state, _) = try machine.step(state, .verify(digests: [0: 1, 7: 2]))
+        state = machine.verificationFinished(state, mismatch: Mismatch(regionID: 7, offset: 0x1000, detail: "chunk 1 checksum differs"))
+        #expect(state == .failed(reason: "region 7 offset 0x1000: chunk 1 checksum differs"))
+        #expect(throws: ProtocolError.invalidMessage(state: "failed", message: "commit")) { try machine.step(state, .commit) }
+    }
+
+    @Test("a peer speaking another protocol version is refused at hello")
+    func otherVersion() {
+        #expect(throws: ProtocolError.unsupportedVersion(peer: 7, accepted: ProtocolVersion.accepted)) {
+            try machine.step(.awaitingHello, .hello(version: 7, oldestVersion: 7, pageSize: 4096, capabilities: .all))
+        }
+        #expect(ProtocolError.unsupportedVersion(peer: 7, accepted: 1...1).description == "peer speaks protocol version 7; this side accepts 1...1")
+    }
+
+    @Test("messages out of order are refused with the state named")
+    func outOfOrder() throws {
+        #expect(throws: ProtocolError.invalidMessage(state: "awaiting hello", message: "regionTable")) {
+            try machine.step(.awaitingHello, .regionTable(sampleTable))
+        }
+        let (s, _) = try machine.step(.awaitingHello, hello)
+        #expect(throws: ProtocolError.invalidMessage(state: "awaiting the region table", message: "hello")) { try machine.step(s, hello) }
+        #expect(throws: ProtocolError.invalidMessage(state: "awaiting the region table", message: "commit")) { try machine.step(s, .commit) }
+    }
+
+    @Test("abandon is accepted in every state that is not final")
+    func abandonAnywhere() throws {
+        var states: [ReceiverState] = [.awaitingHello]
+        var (s, _) = try machine.step(.awaitingHello, hello)
+        states.append(s)
+        (s, _) = try machine.step(s, .regionTable(sampleTable))
+        states.append(s)
+        (s, _) = try machine.step(s, .transferBegin(begin))
+        states.append(s)
+        for state in states {
+            let (next, action) = try machine.step(state, .abandon(reason: "controller said so"))
+            #expect(next == .abandoned(reason: "controller said so"))
+            #expect(action == .discard(reason: "controller said so"))
+        }
+        #expect(throws: ProtocolError.self) { try machine.step(.committed(sampleTable), .abandon(reason: "late")) }
+    }
+
+    @Test("a transport the session did not negotiate is refused")
+    func unnegotiatedTransport() throws {
+        var (s, _) = try machine.step(.awaitingHello, hello)
+        (s, _) = try machine.step(s, .regionTable(sampleTable))
+        let memfdBegin = TransferBegin(lanes: 1, chunkSize: 1 << 20, pipeCapacity: 0, sourcePID: 1, fullVerification: false,
+                                       regions: [RegionTransfer(regionID: 0, transport: .gift), RegionTransfer(regionID: 7, transport: .memfd, descriptorIndex: 1)],
+                                       descriptorCount: 2)
+        #expect(throws: ProtocolError.invalidField(command: "transferBegin", field: "transport of region 7", value: "memfd (not negotiated)")) {
+            try machine.step(s, .transferBegin(memfdBegin))
+        }
+    }
+}

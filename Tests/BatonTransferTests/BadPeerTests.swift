@@ -1,0 +1,141 @@
+import BatonAgent
+import BatonCore
+import BatonSystem
+import BatonTestSupport
+import BatonTransfer
+import Foundation
+import Glibc
+import Testing
+
+/// A real receiver agent on a thread, fed raw bytes through a socketpair: what a confused
+/// or hostile peer could send. Each case must end in a one-line error naming the problem,
+/// and the receiver must tell the peer with a `failure` message.
+@Suite("Bad peers get clear errors")
+struct BadPeerTests {
+    final class Box: @unchecked Sendable { var error: Error? }
+
+    /// Runs a receiver against `script` (raw bytes) and returns (receiver error, failure text sent back).
+    func feed(_ chunks: [[UInt8]], closeAfter: Bool = true) throws -> (String, String?) {
+        let (ours, theirs) = try UnixSocket.pair()
+        let box = Box()
+        let job = try LaneJob(lanes: 1, pin: false) { _ in
+            let agent = NewInstanceAgent(connection: AgentConnection(socket: theirs), stallTimeoutSeconds: 3)
+            do { _ = try agent.receive() } catch { box.error = error }
+        }
+        for c in chunks { try ours.send(c) }
+        if closeAfter { ours.shutdownWrite() }
+        try job.wait()
+        theirs.fd.close()  // the agent is done: end of stream for our reads below
+        // Read back whatever the receiver sent; the last message should be `failure`.
+        let peer = AgentConnection(socket: ours, faults: FaultPlan())
+        var failure: String?
+        while true {
+            do { _ = try peer.receive(whileIn: "test") } catch ProtocolError.peerFailed(_, let m) { failure = m; break } catch { break }
+        }
+        return ("\(box.error.map { "\($0)" } ?? "no error")", failure)
+    }
+
+    let hello = Message.hello(version: ProtocolVersion.current, oldestVersion: 1, pageSize: UInt32(Host.pageSize), capabilities: .all).encoded()
+
+    @Test("a peer speaking another protocol version")
+    func otherVersion() throws {
+        let (error, failure) = try feed([Message.hello(version: 9, oldestVersion: 9, pageSize: 4096, capabilities: .all).encoded(version: 9)])
+        #expect(error == "protocol: peer speaks protocol version 9; this side accepts \(ProtocolVersion.oldestAccepted)...\(ProtocolVersion.current)")
+        #expect(failure == error)
+    }
+
+    @Test("an unknown command")
+    func unknownCommand() throws {
+        var bytes = Message.commit.encoded()
+        bytes[6] = 0x77
+        let (error, failure) = try feed([bytes])
+        #expect(error == "protocol: unknown command 0x77")
+        #expect(failure == error)
+    }
+
+    @Test("another dialect entirely (HTTP on the agent socket)")
+    func otherDialect() throws {
+        let (error, _) = try feed([Array("GET /api/v1/vmm.ping HTTP/1.1\r\n\r\n".utf8)])
+        #expect(error == "protocol: not a Baton message: magic 0x20544547 (expected 0x4e544142)")
+    }
+
+    @Test("a truncated message")
+    func truncated() throws {
+        let (error, _) = try feed([Array(hello.prefix(20))])
+        #expect(error == "protocol: message truncated at 'payload of hello': needs 16 bytes, 4 left")
+    }
+
+    @Test("an oversize message is refused from its header")
+    func oversize() throws {
+        var header = MessageHeader(version: 1, command: Command.hello.rawValue, descriptorCount: 0, payloadLength: 64 << 20).encoded()
+        header += [1, 2, 3]
+        let (error, _) = try feed([header])
+        #expect(error == "protocol: message hello claims 67108864 payload bytes (limit 1048576)")
+    }
+
+    @Test("overlapping regions")
+    func overlappingRegions() throws {
+        var w = WireWriter()
+        w.u32(UInt32(Host.pageSize)); w.u32(2)
+        w.u32(0); w.u32(0); w.u64(0); w.u64(0x3000)
+        w.u32(1); w.u32(0); w.u64(0x2000); w.u64(0x1000)
+        let table = MessageHeader(version: 1, command: Command.regionTable.rawValue, descriptorCount: 0, payloadLength: UInt32(w.bytes.count)).encoded() + w.bytes
+        let (error, failure) = try feed([hello, table])
+        #expect(error == "protocol: bad region table: region 1 overlaps region 0 at guest address 0x2000")
+        #expect(failure == error)
+    }
+
+    @Test("unaligned regions")
+    func unalignedRegions() throws {
+        var w = WireWriter()
+        w.u32(UInt32(Host.pageSize)); w.u32(1)
+        w.u32(5); w.u32(0); w.u64(0x1800); w.u64(0x1000)
+        let table = MessageHeader(version: 1, command: Command.regionTable.rawValue, descriptorCount: 0, payloadLength: UInt32(w.bytes.count)).encoded() + w.bytes
+        let (error, _) = try feed([hello, table])
+        #expect(error == "protocol: bad region table: region 5: guest address 0x1800 is not aligned to the 4096-byte page size")
+    }
+
+    @Test("messages out of order")
+    func outOfOrder() throws {
+        let (error, _) = try feed([Message.commit.encoded()])
+        #expect(error == "protocol: commit is not valid while awaiting hello")
+    }
+
+    @Test("a peer that hangs up between messages")
+    func hangUp() throws {
+        let (error, _) = try feed([hello])
+        #expect(error == "protocol: peer closed the connection while awaiting the region table")
+    }
+
+    @Test("a peer running as another uid is refused before any descriptor is passed")
+    func otherUID() throws {
+        guard getuid() == 0 else { try Test.cancel("needs root to start a peer as uid 65534 (running as uid \(getuid()))") }
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else { try Test.cancel("setpriv (util-linux) is not installed") }
+        // The peer must reach the socket: a world-searchable directory and a 0666 socket, for this test only.
+        let dir = "/tmp/baton-uid-test-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let listener = try UnixListener(path: dir + "/agent.sock")
+        chmod(listener.path, 0o666)
+        let probe = Process()
+        probe.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+        probe.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/test", "-x", BatonProcess.executablePath]
+        try probe.run()
+        probe.waitUntilExit()
+        let nobodyCanRun = probe.terminationStatus == 0
+        guard nobodyCanRun else { try Test.cancel("uid 65534 cannot execute \(BatonProcess.executablePath)") }
+        let peer = try BatonProcess(["agent", "send", "--socket", listener.path, "--size", "1MiB"],
+                                    wrapper: ["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+        let connection = AgentConnection(socket: try listener.accept(timeoutSeconds: 10))
+        let agent = NewInstanceAgent(connection: connection)
+        #expect {
+            _ = try agent.receive()
+        } throws: { error in
+            "\(error)".hasPrefix("refused peer pid \(peer.pid): uid 65534 is not the expected uid 0 (SO_PEERCRED)")
+        }
+        let done = peer.finish()
+        #expect(done.status != 0)
+        // The sender refuses too: it checks the receiver's uid (0) against its own (65534).
+        #expect(done.stderr.contains("uid 0 is not the expected uid 65534"), "\(done.stderr)")
+    }
+}
