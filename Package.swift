@@ -22,7 +22,7 @@ let package = Package(
         // Pure: sizes, regions, page ranges, wire codec, receiver state machine, hashing.
         .target(name: "BatonCore"),
         // Moving pages: pipes, vmsplice, memfd, process_vm_readv, integrity, move detection.
-        .target(name: "BatonTransfer", dependencies: ["BatonSystem", "BatonCore"]),
+        .target(name: "BatonTransfer", dependencies: ["BatonSystem", "BatonCore", "CBatonLinux"]),
         // The old-instance and new-instance agents speaking Baton's protocol.
         .target(name: "BatonAgent", dependencies: [
             "BatonSystem", "BatonCore", "BatonTransfer",

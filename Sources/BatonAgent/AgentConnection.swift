@@ -5,6 +5,7 @@ import BatonCore
 import BatonSystem
 import BatonTransfer
 import Glibc
+import Synchronization
 
 /// Why a handoff failed, as the agents see it. One line each, naming what and where.
 public enum AgentError: Error, CustomStringConvertible {
@@ -16,6 +17,7 @@ public enum AgentError: Error, CustomStringConvertible {
     case noTransport(regionID: UInt32, wanted: String, reason: String)
     case abandoned(String)
     case peerFailed(String, after: String)
+    case rollbackLost(chunks: [Int], cause: String)
 
     public var description: String {
         switch self {
@@ -27,6 +29,7 @@ public enum AgentError: Error, CustomStringConvertible {
         case let .noTransport(id, wanted, reason): "region \(id) cannot travel by \(wanted): \(reason)"
         case .abandoned(let reason): "handoff abandoned: \(reason)"
         case let .peerFailed(reason, after): "new instance failed: \(reason) (here: \(after))"
+        case let .rollbackLost(chunks, cause): "LOST: rollback could not restore chunks \(chunks) after: \(cause)"
         }
     }
 
@@ -51,6 +54,8 @@ public final class AgentConnection: @unchecked Sendable {
     /// Bound on every blocking send/receive; a silent peer then fails as `stalled`.
     public private(set) var timeoutSeconds: Double?
     let faults: FaultPlan
+    /// Lanes may send (streamed checksums, confirmations) while the agent thread does too.
+    private let sendLock = Mutex(())
 
     public init(socket: UnixSocket, faults: FaultPlan = .fromEnvironment) {
         self.socket = socket
@@ -86,7 +91,7 @@ public final class AgentConnection: @unchecked Sendable {
             socket.shutdownWrite()
             throw TransferError.injected("sent a truncated \(name)")
         }
-        try socket.send(bytes, descriptors: descriptors.map(\.raw))
+        try sendLock.withLock { _ in try socket.send(bytes, descriptors: descriptors.map(\.raw)) }
     }
 
     /// Sends raw bytes (tests use this to speak a wrong dialect).

@@ -18,6 +18,11 @@ public struct HandoffOptions: Sendable {
     /// Checksum every byte of memfd regions too (default: one page per chunk, they are not copied).
     public var fullVerification = false
     public var stallTimeoutSeconds: Double = 10
+    /// Free each chunk of the sender's memory once its pipe holds it (gift and pipe-copy
+    /// regions): the host then holds guest RAM plus the in-flight window instead of twice
+    /// the RAM. The receiver writes into a memfd whose descriptor the sender keeps, so a
+    /// rollback restores every byte (SourceRollback).
+    public var releaseSource = false
     /// Expected uid of the peer (SO_PEERCRED).
     public var peerUID: UInt32 = getuidValue()
 
@@ -56,6 +61,8 @@ public struct TransferReport: Sendable, Codable {
     public var verified = false
     /// Errno faults injected by BATON_SYSCALL_FAULTS during this process's life, per call.
     public var injectedFaults: [String: Int] = [:]
+    /// The sender freed its pages as they were handed over (HandoffOptions.releaseSource).
+    public var releasedSource = false
 
     /// True only if every streamed region's pages were observed to move (never assumed).
     public var pagesMoved: Bool {

@@ -35,6 +35,9 @@ public final class NewInstanceAgent {
     var checksums: ChunkChecksums?
     var expected: [Int: UInt64] = [:]
     var pipes: [FileDescriptor] = []
+    /// Set when the sender releases its pages: chunks are confirmed to it one by one.
+    var verifier: ChunkVerifier?
+    var plannedChunks: [Chunk] = []
 
     public init(connection: AgentConnection, capabilities: Capabilities = .all, stallTimeoutSeconds: Double = 10,
                 expectedUID: UInt32 = getuid(), destinations: @escaping DestinationProvider = DestinationProviders.prefaultedAnonymous) {
@@ -86,14 +89,26 @@ public final class NewInstanceAgent {
         case .reply(let message):
             try connection.send(message)
         case .prepareDestinations(let table):
+            var rollback: [FileDescriptor] = []
             for region in table.regions where !region.flags.contains(.arrivesAsDescriptor) {
-                destinations[region.id] = DestinationRegion(region: region, mapping: try provide(region))
+                if region.flags.contains(.releasedBySender) {
+                    // Not pre-faulted: the sender frees a chunk as we take it, so the host never
+                    // holds two copies. The sender keeps this memfd's descriptor for rollback.
+                    let mapping = try MemoryMapping.memfd(name: "baton-guest-\(region.id)", length: Int(region.length))
+                    rollback.append(mapping.backing!)
+                    destinations[region.id] = DestinationRegion(region: region, mapping: mapping)
+                } else {
+                    destinations[region.id] = DestinationRegion(region: region, mapping: try provide(region))
+                }
             }
-            try connection.send(.regionsReady(rollbackDescriptors: 0))
+            try connection.send(.regionsReady(rollbackDescriptors: UInt8(rollback.count)), descriptors: rollback)
         case let .startReceiving(plan, begin):
             try start(plan: plan, begin: begin, descriptors: descriptors)
         case let .recordChecksums(first, sums):
-            for (i, s) in sums.enumerated() { expected[first + i] = s }
+            for (i, s) in sums.enumerated() {
+                expected[first + i] = s
+                if let verdict = verifier?.expect(first + i, s) { try confirm(verdict) }
+            }
         case .noteTransferEnd:
             break
         case .verify(let digests):
@@ -108,6 +123,20 @@ public final class NewInstanceAgent {
             throw AgentError.abandoned(reason)
         }
         return nil
+    }
+
+    /// Tells a releasing sender that a chunk is safely here, or fails the handoff naming it.
+    private func confirm(_ verdict: ChunkVerifier.Verdict) throws {
+        switch verdict {
+        case .verified(let index):
+            try connection.send(.chunksVerified(indices: [UInt32(index)]))
+        case let .mismatch(index, got, want):
+            let chunk = plannedChunks[index]
+            let mismatch = Mismatch(regionID: chunk.regionID, offset: chunk.offset,
+                                    detail: "chunk \(index) checksum 0x\(String(got, radix: 16)) != sender's 0x\(String(want, radix: 16))")
+            try? connection.send(.failure(code: 4, message: "\(AgentError.integrity(mismatch))"))
+            throw AgentError.integrity(mismatch)
+        }
     }
 
     private func start(plan: TransferPlan, begin: TransferBegin, descriptors: [FileDescriptor]) throws {
@@ -138,13 +167,23 @@ public final class NewInstanceAgent {
         let pipes = self.pipes
         let destinations = self.destinations
         let sourceAddresses = Dictionary(uniqueKeysWithValues: begin.regions.map { ($0.regionID, $0.sourceAddress) })
+        plannedChunks = plan.chunks
+        let releasing = table.regions.contains { $0.flags.contains(.releasedBySender) }
+        let verifier = releasing ? ChunkVerifier() : nil
+        self.verifier = verifier
+        let landed: ((Chunk, UInt64) throws -> Void)? = verifier.map { verifier in
+            { [self] chunk, sum in
+                if let verdict = verifier.landed(chunk.index, sum) { try self.confirm(verdict) }
+            }
+        }
         job = try LaneJob(lanes: plan.laneCount) { lane in
             let chunks = plan.chunks(onLane: lane)
             guard let first = chunks.first, let kind = kinds[first.regionID]?.transport else { return }
             do {
                 switch kind {
                 case .gift, .pipeCopy:
-                    try PipeLaneReceiver(lane: lane, pipe: pipes[lane], gift: kind == .gift, control: control)
+                    let lazy = destinations[first.regionID]?.region.flags.contains(.releasedBySender) ?? false
+                    try PipeLaneReceiver(lane: lane, pipe: pipes[lane], gift: kind == .gift, control: control, populateAhead: lazy, afterChunk: landed)
                         .receive(chunks, destinations: destinations, checksums: sums)
                 case .processVmReadv:
                     try RemoteLaneReader(sourcePID: begin.sourcePID, control: control)

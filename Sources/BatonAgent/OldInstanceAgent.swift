@@ -46,13 +46,19 @@ public final class OldInstanceAgent {
     /// Runs hello → region table → transfer → verify. Returns with the receiver verified
     /// and waiting for `commit`; throws (after telling the peer to abandon) otherwise.
     public func handOff(_ sources: [SourceRegion]) throws -> PendingHandoff {
+        let rollback = RollbackState()
         do {
-            return try run(sources)
+            return try run(sources, rollback: rollback)
         } catch {
             try? connection.send(.abandon(reason: "\(AgentError.wrap(error))"))
             // A broken pipe usually means the receiver failed first: prefer its own reason.
-            if let reason = peerFailureReason() { throw AgentError.peerFailed(reason, after: "\(AgentError.wrap(error))") }
-            throw AgentError.wrap(error)
+            let peerReason = peerFailureReason()
+            let restored = try restoreReleasedPages(rollback)
+            let cause = peerReason.map { AgentError.peerFailed($0, after: "\(AgentError.wrap(error))") } ?? AgentError.wrap(error)
+            if let restored, !restored.lostChunks.isEmpty {
+                throw AgentError.rollbackLost(chunks: restored.lostChunks, cause: "\(cause)")
+            }
+            throw cause
         }
     }
 
@@ -67,7 +73,23 @@ public final class OldInstanceAgent {
         return nil
     }
 
-    private func run(_ sources: [SourceRegion]) throws -> PendingHandoff {
+    /// What a releasing sender needs to undo its frees if the handoff fails.
+    final class RollbackState {
+        var restore: SourceRollback?
+        var released: [Int] = []
+        var outcome: SourceRollback.Outcome?
+    }
+
+    /// Takes every chunk this sender freed back from the receiver's memfd (they were all
+    /// confirmed there before being freed). Safe whether the receiver is alive or dead.
+    private func restoreReleasedPages(_ state: RollbackState) throws -> SourceRollback.Outcome? {
+        guard let restore = state.restore, !state.released.isEmpty else { return nil }
+        let outcome = try restore.restore(released: state.released)
+        state.outcome = outcome
+        return outcome
+    }
+
+    private func run(_ sources: [SourceRegion], rollback: RollbackState) throws -> PendingHandoff {
         signal(SIGPIPE, SIG_IGN)  // a vanished reader must be EPIPE, not death
         try connection.setTimeout(seconds: options.stallTimeoutSeconds)
         try connection.authenticate(expectedUID: options.peerUID)
@@ -86,17 +108,27 @@ public final class OldInstanceAgent {
         report.protocolVersion = version
 
         let kinds = try Self.chooseTransports(sources, options: options, agreed: agreed)
-        // Regions that arrive as a descriptor need no destination memory on the other side.
+        // Regions that arrive as a descriptor need no destination memory on the other side;
+        // piped regions of a releasing sender land in a memfd we can take pages back from.
         let regions = sources.map { s in
-            GuestRegion(id: s.region.id, guestAddress: s.region.guestAddress, length: s.region.length,
-                        flags: kinds[s.region.id] == .memfd ? s.region.flags.union(.arrivesAsDescriptor) : s.region.flags.subtracting(.arrivesAsDescriptor))
+            let kind = kinds[s.region.id]!
+            var flags = s.region.flags.subtracting([.arrivesAsDescriptor, .releasedBySender])
+            if kind == .memfd { flags.insert(.arrivesAsDescriptor) }
+            if options.releaseSource && (kind == .gift || kind == .pipeCopy) { flags.insert(.releasedBySender) }
+            return GuestRegion(id: s.region.id, guestAddress: s.region.guestAddress, length: s.region.length, flags: flags)
         }
         let table = try RegionTable(regions, pageSize: pageSize)
         try connection.send(.regionTable(table))
-        let (ready, _) = try connection.receive(whileIn: "awaiting regionsReady")
+        let (ready, rollbackDescriptors) = try connection.receive(whileIn: "awaiting regionsReady")
         guard case .regionsReady = ready else {
             throw ProtocolError.invalidMessage(state: "awaiting regionsReady", message: "\(ready.command)")
         }
+        let released = table.regions.filter { $0.flags.contains(.releasedBySender) }
+        guard rollbackDescriptors.count == released.count else {
+            throw ProtocolError.unexpectedDescriptors(command: "regionsReady", expected: released.count, received: rollbackDescriptors.count)
+        }
+        let receiverMemfds = Dictionary(uniqueKeysWithValues: zip(released.map(\.id), rollbackDescriptors))
+        report.releasedSource = !released.isEmpty
 
         let byID = Dictionary(uniqueKeysWithValues: sources.map { ($0.region.id, $0) })
         let framesBefore = try Dictionary(uniqueKeysWithValues: sources.map {
@@ -131,24 +163,43 @@ public final class OldInstanceAgent {
         report.bytes = table.totalBytes
 
         let started = Host.monotonicNanoseconds()
+        let checksums = ChunkChecksums(count: plan.chunks.count)
+        let releasing = report.releasedSource
+        if releasing {
+            rollback.restore = SourceRollback(plan: plan, sources: byID, receiverMemfds: receiverMemfds, checksums: checksums)
+        }
         try connection.send(.transferBegin(begin), descriptors: descriptors)
         pipeLanes?.pipes.forEach { $0.readEnd.close() }  // only the receiver reads: its exit must give us EPIPE
 
-        let checksums = ChunkChecksums(count: plan.chunks.count)
-        let control = TransferControl(stallTimeoutSeconds: options.stallTimeoutSeconds)
-        try LaneThreads.run(lanes: lanes) { lane in
+        // Lanes send, the peer socket is watched; a releasing sender streams each chunk's
+        // checksum ahead of its bytes and frees the chunk once the receiver confirms it.
+        let control = TransferControl(stallTimeoutSeconds: options.stallTimeoutSeconds, peerSocket: releasing ? nil : connection.socket.fd)
+        let streamChecksum: ((Chunk, UInt64) throws -> Void)? = releasing ? { [connection] chunk, sum in
+            try connection.send(.chunkChecksums(firstChunk: UInt32(chunk.index), checksums: [sum]))
+        } : nil
+        let job = try LaneJob(lanes: lanes) { lane in
             let chunks = plan.chunks(onLane: lane)
             guard let first = chunks.first else { return }
             switch kinds[first.regionID]! {
             case .gift, .pipeCopy:
                 let pipe = pipeLanes!.pipes[lane].writeEnd
-                try PipeLaneSender(lane: lane, pipe: pipe, gift: kinds[first.regionID] == .gift, control: control)
+                defer { pipe.close() }
+                try PipeLaneSender(lane: lane, pipe: pipe, gift: kinds[first.regionID] == .gift, control: control, beforeChunk: streamChecksum)
                     .send(chunks, sources: byID, checksums: checksums)
-                pipe.close()
             case .processVmReadv, .memfd:
                 for c in chunks { checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base) }
             }
         }
+        if releasing {
+            do {
+                try releaseConfirmedChunks(plan: plan, sources: byID, job: job, control: control, rollback: rollback)
+            } catch {
+                control.cancel()
+                try? job.wait()
+                throw error
+            }
+        }
+        try job.wait()
         for c in plan.chunks where c.lane == nil { checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base) }
         report.sendSeconds = Double(Host.monotonicNanoseconds() - started) / 1e9
 
@@ -178,6 +229,37 @@ public final class OldInstanceAgent {
             report.regions.append(RegionReport(id: s.region.id, transport: "\(kinds[s.region.id]!)", bytes: s.region.length, pages: disposition))
         }
         return PendingHandoff(connection: connection, report: report)
+    }
+}
+
+extension OldInstanceAgent {
+    /// While the lanes run: read `chunksVerified` and free each confirmed chunk, until every
+    /// streamed chunk is confirmed. A `failure` from the receiver ends it with the reason.
+    func releaseConfirmedChunks(plan: TransferPlan, sources: [UInt32: SourceRegion], job: LaneJob, control: TransferControl, rollback: RollbackState) throws {
+        let streamed = plan.chunks.filter { $0.lane != nil }.count
+        var waited = 0.0
+        while rollback.released.count < streamed {
+            if job.hasFailed { try job.wait() }
+            guard try connection.socket.fd.wait(for: Int16(POLLIN), timeoutMilliseconds: 50) else {
+                waited += 0.05
+                if waited >= options.stallTimeoutSeconds {
+                    throw TransferError.stalled(what: "confirmations of chunks (\(rollback.released.count) of \(streamed))", seconds: options.stallTimeoutSeconds)
+                }
+                continue
+            }
+            waited = 0
+            let (message, _) = try connection.receive(whileIn: "awaiting chunksVerified")
+            guard case .chunksVerified(let indices) = message else {
+                throw ProtocolError.invalidMessage(state: "awaiting chunksVerified", message: "\(message.command)")
+            }
+            for i in indices.map(Int.init) {
+                guard i < plan.chunks.count, plan.chunks[i].lane != nil, let source = sources[plan.chunks[i].regionID] else {
+                    throw ProtocolError.invalidField(command: "chunksVerified", field: "chunk index", value: "\(i)")
+                }
+                try source.releasePages(offset: Int(plan.chunks[i].offset), length: Int(plan.chunks[i].length))
+                rollback.released.append(i)
+            }
+        }
     }
 }
 

@@ -53,7 +53,7 @@ struct AgentCommand: ParsableCommand {
             if outcome.peakRssBytes == 0 { outcome.peakRssBytes = Host.statusBytes("VmHWM") ?? 0 }
             printJSON(outcome)
             if let error = outcome.error {
-                throw fail(error, error.contains("integrity") ? .integrity : error.contains("refused peer") ? .peerRefused : .handoffRolledBack)
+                throw fail(error, BatonExit.forHandoffFailure(error))
             }
         }
     }
@@ -76,6 +76,9 @@ struct AgentCommand: ParsableCommand {
         @Option(help: "Test pattern seed.")
         var seed: UInt64 = 1
 
+        @Flag(help: "Free each chunk once handed over (gift/pipe-copy): host memory stays at RAM + window.")
+        var releaseSource = false
+
         @Option(help: "Seconds without progress before the peer counts as stalled.")
         var timeout: Double = 10
 
@@ -86,6 +89,7 @@ struct AgentCommand: ParsableCommand {
             var options = HandoffOptions()
             options.transport = transport
             options.stallTimeoutSeconds = timeout
+            options.releaseSource = releaseSource
             do {
                 let connection = AgentConnection(socket: try UnixSocket.connect(path: socket))
                 let pending = try OldInstanceAgent(connection: connection, options: options)
@@ -93,7 +97,7 @@ struct AgentCommand: ParsableCommand {
                 try pending.commit()
                 printJSON(pending.report)
             } catch {
-                throw fail("\(error)", "\(error)".contains("refused peer") ? .peerRefused : .handoffRolledBack)
+                throw fail("\(error)", BatonExit.forHandoffFailure(error))
             }
         }
     }

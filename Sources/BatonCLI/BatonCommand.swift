@@ -31,6 +31,16 @@ public enum BatonExit: Int32 {
     var code: ExitCode { ExitCode(rawValue) }
 }
 
+extension BatonExit {
+    /// The exit code for a failed handoff, from what went wrong.
+    static func forHandoffFailure(_ error: Any) -> BatonExit {
+        let text = "\(error)"
+        if text.contains("integrity check failed") { return .integrity }
+        if text.contains("refused peer") || text.contains("protocol version") || text.contains("not a Baton message") { return .peerRefused }
+        return .handoffRolledBack
+    }
+}
+
 /// Prints one line to stderr: `baton: <what>`.
 func fail(_ message: String, _ exit: BatonExit) -> ExitCode {
     FileHandle.standardError.write(Data("baton: \(message)\n".utf8))

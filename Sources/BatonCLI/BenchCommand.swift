@@ -20,8 +20,8 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Repetitions per transport (min/median/max are reported).")
         var runs: Int = 5
 
-        @Option(help: "Comma-separated transports among gift,memfd,copy,auto.")
-        var transports: String = "gift,memfd,copy"
+        @Option(help: "Comma-separated among gift, memfd, copy, auto; add +release (e.g. gift+release) to free the sender's pages as they go.")
+        var transports: String = "gift,gift+release,memfd,copy"
 
         @Option(help: "Lanes (pipes / reader threads); default: online CPUs.")
         var lanes: Int = Host.onlineCPUs
@@ -35,8 +35,8 @@ struct BenchCommand: ParsableCommand {
         func validate() throws {
             guard runs >= 1 else { throw ValidationError("--runs must be at least 1") }
             guard (1...64).contains(lanes) else { throw ValidationError("--lanes must be 1...64") }
-            for t in transports.split(separator: ",") where TransportChoice(rawValue: String(t)) == nil {
-                throw ValidationError("--transports: unknown transport '\(t)' (gift, memfd, copy, auto)")
+            for t in transports.split(separator: ",") where TransferBenchmark.Variant(parsing: String(t)) == nil {
+                throw ValidationError("--transports: unknown transport '\(t)' (gift, memfd, copy, auto, optionally +release)")
             }
         }
 
@@ -47,7 +47,7 @@ struct BenchCommand: ParsableCommand {
             let bench = TransferBenchmark(
                 sizes: try size.split(separator: ",").map { try parseSize(String($0), option: "--size") },
                 runs: runs,
-                transports: transports.split(separator: ",").compactMap { TransportChoice(rawValue: String($0)) },
+                transports: transports.split(separator: ",").compactMap { TransferBenchmark.Variant(parsing: String($0)) },
                 options: options,
                 progress: { line in if !json { FileHandle.standardError.write(Data((line + "\n").utf8)) } })
             let report = try bench.run()

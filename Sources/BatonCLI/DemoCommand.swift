@@ -26,9 +26,9 @@ struct DemoCommand: ParsableCommand {
         print("\n== handoff of \(ByteSize(bytes)) from this process to a new `baton agent receive` process")
         var options = HandoffOptions()
         options.lanes = Host.onlineCPUs
-        let bench = TransferBenchmark(sizes: [bytes], runs: 1, transports: [.gift, .memfd, .copy], options: options, progress: { _ in })
+        let bench = TransferBenchmark(sizes: [bytes], runs: 1, transports: [.init(.gift), .init(.gift, releaseSource: true), .init(.memfd), .init(.copy)], options: options, progress: { _ in })
         for r in try bench.run().results where r.transport != "memcpy" {
-            let name = r.transport.padding(toLength: 6, withPad: " ", startingAt: 0)
+            let name = r.transport.padding(toLength: 13, withPad: " ", startingAt: 0)
             print(name + String(format: "%7.1f ms  %6.2f GiB/s  ", r.seconds.median * 1000, r.gibPerSecond)
                   + "pages \(r.pageDisposition), every byte checked by the receiver: \(r.verified ? "yes" : "NO")")
         }

@@ -61,12 +61,10 @@ public enum HostCheck {
             source.base.storeBytes(of: 0xB4704E, as: UInt64.self)
             let before = try PageMap.entries(for: [UnsafeRawPointer(source.base)], pageSize: page)[0]
             let pipe = try BatonSystem.Pipe()
-            var iov = iovec(iov_base: source.base, iov_len: page)
-            let n = try Splice.vmsplice(pipe.writeEnd, UnsafeBufferPointer(start: &iov, count: 1), flags: [.gift, .move])
+            let n = try Splice.vmsplice(pipe.writeEnd, base: source.base, length: page, flags: [.gift, .move])
             r.vmspliceGift = n == page
             let dest = try MemoryMapping.anonymous(length: page)
-            var out = iovec(iov_base: dest.base, iov_len: page)
-            let m = try Splice.vmsplice(pipe.readEnd, UnsafeBufferPointer(start: &out, count: 1), flags: [.move])
+            let m = try Splice.vmsplice(pipe.readEnd, base: dest.base, length: page, flags: [.move])
             let after = try PageMap.entries(for: [UnsafeRawPointer(dest.base), UnsafeRawPointer(source.base)], pageSize: page)
             let intact = m == page && dest.base.load(as: UInt64.self) == 0xB4704E
             r.pageFramesVisible = before.frame != 0
@@ -117,12 +115,10 @@ public enum HostCheck {
         do {
             try child.run()
             defer { child.terminate(); child.waitUntilExit() }
-            var byte: UInt8 = 0
-            var local = iovec(iov_base: &byte, iov_len: 1)
-            var remote = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: 0x10), iov_len: 1)
+            let byte = UnsafeMutableRawPointer.allocate(byteCount: 1, alignment: 1)
+            defer { byte.deallocate() }
             do {
-                _ = try ProcessMemory.read(from: child.processIdentifier, local: UnsafeBufferPointer(start: &local, count: 1),
-                                           remote: UnsafeBufferPointer(start: &remote, count: 1))
+                _ = try ProcessMemory.read(from: child.processIdentifier, local: byte, remote: 0x10, length: 1)
                 r.processVmReadv = true
             } catch let e as SyscallError where e.errno == EFAULT {
                 r.processVmReadv = true
@@ -189,10 +185,8 @@ public enum HostCheck {
                 }
             }
             r.giftProbeGiBps = Double(size) / Double(1 << 30) / (Double(Host.monotonicNanoseconds() - start) / 1e9)
-            var l = iovec(iov_base: dst.base, iov_len: size)
-            var rem = iovec(iov_base: src.base, iov_len: size)
             let t0 = Host.monotonicNanoseconds()
-            _ = try ProcessMemory.read(from: getpid(), local: UnsafeBufferPointer(start: &l, count: 1), remote: UnsafeBufferPointer(start: &rem, count: 1))
+            _ = try ProcessMemory.read(from: getpid(), local: dst.base, remote: UInt(bitPattern: src.base), length: size)
             r.processVmReadvProbeGiBps = Double(size) / Double(1 << 30) / (Double(Host.monotonicNanoseconds() - t0) / 1e9)
             r.autoStreamTransport = r.processVmReadv && r.processVmReadvProbeGiBps > r.giftProbeGiBps ? "copy" : "gift"
             r.items.append(CheckItem(name: "stream throughput (64MiB probe)", ok: true,

@@ -28,9 +28,14 @@ public struct BenchResult: Codable, Sendable {
     public let gibPerSecond: Double
     /// Median memcpy time / median time of this path, measured in the same run.
     public let ratioToMemcpy: Double
-    /// Largest sum of both processes' VmHWM over the runs: an upper bound on their combined peak.
+    /// Largest combined resident memory of both processes sampled every 1 ms during the runs
+    /// (shared memfd frames counted once).
     public let peakRssBytes: Int
     public let peakRssOverGuestBytes: Int
+    /// Sum of both processes' VmHWM: an upper bound (their peaks need not coincide).
+    public let peakRssUpperBoundBytes: Int
+    /// Bytes the pipes can hold in flight (lanes × capacity): held by the kernel, in no RSS.
+    public let inFlightWindowBytes: Int
     public let pagesMoved: Bool
     public let pageDisposition: String
     public let verified: Bool
@@ -52,7 +57,24 @@ public struct BenchReport: Codable, Sendable {
 public struct TransferBenchmark {
     public var sizes: [Int]
     public var runs: Int
-    public var transports: [TransportChoice]
+    /// What to measure: a transport, optionally with the sender releasing its pages.
+    public struct Variant: Sendable, CustomStringConvertible {
+        public let transport: TransportChoice
+        public let releaseSource: Bool
+        public init(_ transport: TransportChoice, releaseSource: Bool = false) {
+            self.transport = transport
+            self.releaseSource = releaseSource
+        }
+        /// `gift`, `memfd`, `copy`, `auto`, or any of them with `+release`.
+        public init?(parsing text: String) {
+            let parts = text.split(separator: "+").map(String.init)
+            guard let t = TransportChoice(rawValue: parts[0]), parts.count <= 2, parts.count == 1 || parts[1] == "release" else { return nil }
+            self.init(t, releaseSource: parts.count == 2)
+        }
+        public var description: String { transport.rawValue + (releaseSource ? "+release" : "") }
+    }
+
+    public var transports: [Variant]
     public var options: HandoffOptions
     public var progress: (String) -> Void
 
@@ -63,6 +85,7 @@ public struct TransferBenchmark {
             let memcpyMedian = Spread(memcpyTimes).median
             results.append(BenchResult(transport: "memcpy", bytes: size, runs: memcpyTimes.count, seconds: Spread(memcpyTimes),
                                        gibPerSecond: gib(size, memcpyMedian), ratioToMemcpy: 1, peakRssBytes: 0, peakRssOverGuestBytes: 0,
+                                       peakRssUpperBoundBytes: 0, inFlightWindowBytes: 0,
                                        pagesMoved: false, pageDisposition: "copied", verified: true, lanes: 1, pipeCapacity: 0,
                                        note: "single-threaded memcpy into a pre-faulted THP destination, same process"))
             for transport in transports {
@@ -98,7 +121,8 @@ public struct TransferBenchmark {
         init(_ d: String) { description = d }
     }
 
-    func measure(_ transport: TransportChoice, size: Int, memcpyMedian: Double) throws -> BenchResult {
+    func measure(_ variant: Variant, size: Int, memcpyMedian: Double) throws -> BenchResult {
+        let transport = variant.transport
         let seed: UInt64 = 0xBA70_0000 + UInt64(size)
         let mapping = transport == .memfd ? try MemoryMapping.memfd(name: "baton-bench", length: size) : try MemoryMapping.anonymous(length: size)
         mapping.adviseHugePages()
@@ -107,10 +131,11 @@ public struct TransferBenchmark {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         var times: [Double] = []
         var peak = 0
+        var sampledPeak = 0
         var verified = true
         var last: TransferReport?
         for run in 0..<runs {
-            progress("bench: \(transport) \(ByteSize(size)) run \(run + 1)/\(runs)")
+            progress("bench: \(variant) \(ByteSize(size)) run \(run + 1)/\(runs)")
             let socket = "\(dir)/agent-\(run).sock"
             let receiver = try BatonProcess(["agent", "receive", "--socket", socket, "--seed", "\(seed)"])
             guard BatonProcess.waitForPath(socket) else {
@@ -119,11 +144,16 @@ public struct TransferBenchmark {
             }
             var options = self.options
             options.transport = transport
+            options.releaseSource = variant.releaseSource
+            if variant.releaseSource && run > 0 { TestPattern.fill(mapping.base, count: size, seed: seed) }  // the last run freed it
             Host.resetPeakRSS()
+            let sampler = RSSSampler(peerPID: receiver.pid, sharedFrames: transport == .memfd)
+            sampler.start()
             let connection = AgentConnection(socket: try UnixSocket.connect(path: socket))
             let pending = try OldInstanceAgent(connection: connection, options: options)
                 .handOff([SourceRegion(id: 0, guestAddress: 0, mapping: mapping)])
             try pending.commit()
+            sampledPeak = max(sampledPeak, sampler.finish())
             let senderPeak = Host.statusBytes("VmHWM") ?? 0
             let done = receiver.finish()
             guard done.status == 0, let outcome = ReceiverOutcome.parse(done.stdout) else {
@@ -138,10 +168,11 @@ public struct TransferBenchmark {
         let report = last!
         let disposition = Set(report.regions.map(\.pages.rawValue)).sorted().joined(separator: ",")
         let kinds = Set(report.regions.map(\.transport)).sorted().joined(separator: ",")
-        return BenchResult(transport: transport.rawValue, bytes: size, runs: runs, seconds: spread,
+        return BenchResult(transport: variant.description, bytes: size, runs: runs, seconds: spread,
                            gibPerSecond: gib(size, spread.median), ratioToMemcpy: spread.median > 0 ? memcpyMedian / spread.median : 0,
-                           peakRssBytes: peak, peakRssOverGuestBytes: peak - size, pagesMoved: report.pagesMoved,
+                           peakRssBytes: sampledPeak, peakRssOverGuestBytes: sampledPeak - size, peakRssUpperBoundBytes: peak,
+                           inFlightWindowBytes: report.lanes * report.pipeCapacity, pagesMoved: report.pagesMoved,
                            pageDisposition: disposition, verified: verified, lanes: report.lanes, pipeCapacity: report.pipeCapacity,
-                           note: "\(kinds); timed from transferBegin to the receiver's verified reply (checksums on both sides included); destination pre-faulted before the timer")
+                           note: "\(kinds)\(report.releasedSource ? ", sender freed each chunk once piped (receiver writes a fresh memfd)" : ""); timed from transferBegin to the receiver's verified reply (checksums on both sides included); destination pre-faulted before the timer")
     }
 }

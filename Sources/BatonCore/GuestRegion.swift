@@ -7,6 +7,10 @@ public struct GuestRegion: Equatable, Hashable, Sendable, CustomStringConvertibl
         public static let fileBacked = Flags(rawValue: 1 << 0)
         /// The sender will hand this region over as a descriptor (memfd): no destination to prepare.
         public static let arrivesAsDescriptor = Flags(rawValue: 1 << 1)
+        /// The sender frees its pages as they go: receive into a memfd (not pre-faulted, so
+        /// the host holds one copy plus the in-flight window) and give the sender its
+        /// descriptor, so a rollback can take the pages back.
+        public static let releasedBySender = Flags(rawValue: 1 << 2)
     }
 
     public let id: UInt32

@@ -22,6 +22,7 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
     case committed = 0x0B
     case abandon = 0x0C
     case failure = 0x0D
+    case chunksVerified = 0x0E
 
     public var description: String {
         switch self {
@@ -38,6 +39,7 @@ public enum Command: UInt16, Sendable, CaseIterable, CustomStringConvertible {
         case .committed: "committed"
         case .abandon: "abandon"
         case .failure: "failure"
+        case .chunksVerified: "chunksVerified"
         }
     }
 }

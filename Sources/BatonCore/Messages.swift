@@ -85,6 +85,9 @@ public enum Message: Equatable, Sendable {
     case committed
     case abandon(reason: String)
     case failure(code: UInt16, message: String)
+    /// Receiver → releasing sender: these chunks landed and match their checksums; the
+    /// sender may now free its copy of them.
+    case chunksVerified(indices: [UInt32])
 
     public var command: Command {
         switch self {
@@ -101,6 +104,7 @@ public enum Message: Equatable, Sendable {
         case .committed: .committed
         case .abandon: .abandon
         case .failure: .failure
+        case .chunksVerified: .chunksVerified
         }
     }
 
@@ -156,6 +160,9 @@ public enum Message: Equatable, Sendable {
             w.string(reason)
         case let .failure(code, message):
             w.u16(code); w.string(message)
+        case .chunksVerified(let indices):
+            w.u32(UInt32(indices.count))
+            for i in indices { w.u32(i) }
         }
         return w.bytes
     }
@@ -260,6 +267,11 @@ public enum Message: Equatable, Sendable {
         case .committed: message = .committed
         case .abandon: message = .abandon(reason: try r.string("reason"))
         case .failure: message = .failure(code: try r.u16("code"), message: try r.string("message"))
+        case .chunksVerified:
+            let n = try r.count("chunk count", recordSize: 4)
+            var indices: [UInt32] = []
+            for _ in 0..<n { indices.append(try r.u32("chunk index")) }
+            message = .chunksVerified(indices: indices)
         }
         try r.expectEnd(name)
         guard Int(header.descriptorCount) == message.descriptorCount else {

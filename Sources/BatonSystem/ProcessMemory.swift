@@ -17,3 +17,16 @@ public enum ProcessMemory {
         })
     }
 }
+
+extension ProcessMemory {
+    /// One contiguous range: `length` bytes from `remote` in `pid` to `local` here.
+    public static func read(from pid: pid_t, local: UnsafeMutableRawPointer, remote: UInt, length: Int) throws -> Int {
+        var l = iovec(iov_base: local, iov_len: length)
+        var r = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: remote), iov_len: length)
+        return try withUnsafePointer(to: &l) { lp in
+            try withUnsafePointer(to: &r) { rp in
+                try read(from: pid, local: UnsafeBufferPointer(start: lp, count: 1), remote: UnsafeBufferPointer(start: rp, count: 1))
+            }
+        }
+    }
+}

@@ -51,3 +51,11 @@ public enum IOVecs {
         iovecs.reduce(0) { $0 + $1.iov_len }
     }
 }
+
+extension Splice {
+    /// One contiguous range through `vmsplice(2)`.
+    public static func vmsplice(_ pipe: FileDescriptor, base: UnsafeMutableRawPointer, length: Int, flags: SpliceFlags) throws -> Int {
+        var v = iovec(iov_base: base, iov_len: length)
+        return try withUnsafePointer(to: &v) { try vmsplice(pipe, UnsafeBufferPointer(start: $0, count: 1), flags: flags) }
+    }
+}

@@ -1,5 +1,6 @@
 import BatonSystem
 import Glibc
+import Synchronization
 
 /// Runs one blocking body per lane on its own pthread (never the cooperative pool), pins
 /// lane k to CPU k so a pipe's writer and reader share a CPU (a cross-CPU wake-up costs
@@ -10,6 +11,7 @@ public enum LaneThreads {
         let pin: Bool
         let body: (Int) throws -> Void
         var error: Error?
+        let finished = Atomic<Bool>(false)
         init(lane: Int, pin: Bool, body: @escaping (Int) throws -> Void) {
             self.lane = lane
             self.pin = pin
@@ -26,6 +28,7 @@ private func laneThreadMain(_ context: UnsafeMutableRawPointer?) -> UnsafeMutabl
     let job = Unmanaged<LaneThreads.Job>.fromOpaque(context!).takeRetainedValue()
     if job.pin { Host.pinCurrentThread(to: job.lane) }
     do { try job.body(job.lane) } catch { job.error = error }
+    job.finished.store(true, ordering: .releasing)
     return nil
 }
 
@@ -44,6 +47,12 @@ public final class LaneJob: @unchecked Sendable {
             threads.append(thread)
         }
     }
+
+    /// True once every lane has returned (successfully or not).
+    public var isFinished: Bool { jobs.allSatisfy { $0.finished.load(ordering: .acquiring) } }
+
+    /// True once any lane has failed.
+    public var hasFailed: Bool { jobs.contains { $0.finished.load(ordering: .acquiring) && $0.error != nil } }
 
     public func wait() throws {
         if !joined {

@@ -1,6 +1,9 @@
 import BatonCore
 import BatonSystem
+import CBatonLinux
 import Glibc
+
+let MADV_POPULATE_WRITE_VALUE = CBATON_MADV_POPULATE_WRITE
 
 /// The pipes of one gift/pipe-copy transfer: one per lane, each asked for `requestedCapacity`
 /// and granted what the host allows (1 MiB unless root raised fs.pipe-max-size).
@@ -37,20 +40,27 @@ public struct PipeLaneSender {
     public let gift: Bool
     public let control: TransferControl
     public let faults: FaultPlan
+    /// Called with each chunk's checksum before its bytes enter the pipe (a releasing sender
+    /// streams checksums so the receiver can confirm chunks one by one).
+    public let beforeChunk: ((Chunk, UInt64) throws -> Void)?
 
-    public init(lane: Int, pipe: FileDescriptor, gift: Bool, control: TransferControl, faults: FaultPlan = .fromEnvironment) {
+    public init(lane: Int, pipe: FileDescriptor, gift: Bool, control: TransferControl, faults: FaultPlan = .fromEnvironment,
+                beforeChunk: ((Chunk, UInt64) throws -> Void)? = nil) {
         self.lane = lane
         self.pipe = pipe
         self.gift = gift
         self.control = control
         self.faults = faults
+        self.beforeChunk = beforeChunk
     }
 
     public func send(_ chunks: [Chunk], sources: [UInt32: SourceRegion], checksums: ChunkChecksums) throws {
         for chunk in chunks {
             guard let source = sources[chunk.regionID] else { throw TransferError.destinationMissing(regionID: chunk.regionID) }
             let start = source.base + Int(chunk.offset)
-            checksums[chunk.index] = chunk.checksum(regionBase: source.base)
+            let sum = chunk.checksum(regionBase: source.base)
+            checksums[chunk.index] = sum
+            try beforeChunk?(chunk, sum)
             var cursor = IOVecCursor(segments: [(start, Int(chunk.length))])
             while !cursor.isDone {
                 if control.isCancelled { throw TransferError.cancelled }
@@ -97,19 +107,31 @@ public struct PipeLaneReceiver {
     public let gift: Bool
     public let control: TransferControl
     public let faults: FaultPlan
+    /// The destination was not pre-faulted (a releasing sender): populate each chunk just
+    /// before it lands, so memory grows with the transfer and faults come in batches.
+    public let populateAhead: Bool
+    /// Called with each chunk's checksum as soon as it has landed.
+    public let afterChunk: ((Chunk, UInt64) throws -> Void)?
 
-    public init(lane: Int, pipe: FileDescriptor, gift: Bool, control: TransferControl, faults: FaultPlan = .fromEnvironment) {
+    public init(lane: Int, pipe: FileDescriptor, gift: Bool, control: TransferControl, faults: FaultPlan = .fromEnvironment,
+                populateAhead: Bool = false, afterChunk: ((Chunk, UInt64) throws -> Void)? = nil) {
         self.lane = lane
         self.pipe = pipe
         self.gift = gift
         self.control = control
         self.faults = faults
+        self.populateAhead = populateAhead
+        self.afterChunk = afterChunk
     }
 
     public func receive(_ chunks: [Chunk], destinations: [UInt32: DestinationRegion], checksums: ChunkChecksums) throws {
         for chunk in chunks {
             guard let dest = destinations[chunk.regionID] else { throw TransferError.destinationMissing(regionID: chunk.regionID) }
             let start = dest.base + Int(chunk.offset)
+            if populateAhead {
+                // One populate call per chunk instead of a page fault per 4 KiB page.
+                madvise(start, Int(chunk.length), MADV_POPULATE_WRITE_VALUE)
+            }
             var cursor = IOVecCursor(segments: [(start, Int(chunk.length))])
             while !cursor.isDone {
                 if control.isCancelled { throw TransferError.cancelled }
@@ -131,7 +153,9 @@ public struct PipeLaneReceiver {
                 }
             }
             if faults.corruptChunk == chunk.index { start.storeBytes(of: start.load(as: UInt8.self) ^ 0x5A, as: UInt8.self) }
-            checksums[chunk.index] = chunk.checksum(regionBase: dest.base)
+            let sum = chunk.checksum(regionBase: dest.base)
+            checksums[chunk.index] = sum
+            try afterChunk?(chunk, sum)
             if faults.killReceiverAfterChunk == chunk.index { kill(getpid(), SIGKILL) }
         }
     }

@@ -31,6 +31,15 @@ public struct SourceRegion: @unchecked Sendable {
     }
 
     public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: Int(region.length)) }
+
+    /// Frees the pages of `[offset, offset+length)` (hole punch for a memfd, MADV_DONTNEED otherwise).
+    public func releasePages(offset: Int, length: Int) throws {
+        if let mapping {
+            try mapping.release(offset: offset, length: length)
+        } else if madvise(base + offset, length, MADV_DONTNEED) != 0 {
+            throw SyscallError("madvise(MADV_DONTNEED)", errno: errno)
+        }
+    }
 }
 
 /// Where the new instance puts a region: its own mapping (pre-faulted before the pause),

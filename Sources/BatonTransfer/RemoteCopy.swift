@@ -25,11 +25,9 @@ public struct RemoteLaneReader {
             var done = 0
             let length = Int(chunk.length)
             while done < length {
-                var l = iovec(iov_base: local + done, iov_len: length - done)
-                var r = iovec(iov_base: UnsafeMutableRawPointer(bitPattern: UInt(remoteBase + chunk.offset) + UInt(done)), iov_len: length - done)
                 let n: Int
                 do {
-                    n = try ProcessMemory.read(from: sourcePID, local: UnsafeBufferPointer(start: &l, count: 1), remote: UnsafeBufferPointer(start: &r, count: 1))
+                    n = try ProcessMemory.read(from: sourcePID, local: local + done, remote: UInt(remoteBase + chunk.offset) + UInt(done), length: length - done)
                 } catch let e as SyscallError {
                     throw TransferError.syscall(e, regionID: chunk.regionID, offset: chunk.offset + UInt64(done))
                 }

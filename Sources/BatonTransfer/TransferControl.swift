@@ -4,12 +4,16 @@ import Synchronization
 
 /// Shared by the lanes of one transfer: a cancel flag any lane or the agent can raise,
 /// and the stall timeout after which a silent peer is an error instead of a hang.
-public final class TransferControl: Sendable {
+public final class TransferControl: @unchecked Sendable {
     private let cancelled = Atomic<Bool>(false)
     public let stallTimeoutMilliseconds: Int32
+    /// The agent socket: if the peer writes (a failure) or hangs up while a lane waits, the
+    /// lane stops at once instead of waiting out the stall timeout.
+    let peerSocket: FileDescriptor?
 
-    public init(stallTimeoutSeconds: Double = 10) {
+    public init(stallTimeoutSeconds: Double = 10, peerSocket: FileDescriptor? = nil) {
         stallTimeoutMilliseconds = Int32(stallTimeoutSeconds * 1000)
+        self.peerSocket = peerSocket
     }
 
     public var isCancelled: Bool { cancelled.load(ordering: .acquiring) }
@@ -22,6 +26,9 @@ public final class TransferControl: Sendable {
         while true {
             if isCancelled { throw TransferError.cancelled }
             if try fd.wait(for: events, timeoutMilliseconds: slice) { return }
+            if let peerSocket, try peerSocket.wait(for: Int16(POLLIN), timeoutMilliseconds: 0) {
+                throw TransferError.peerStopped(while: what())
+            }
             waited += slice
             if waited >= stallTimeoutMilliseconds {
                 throw TransferError.stalled(what: what(), seconds: Double(stallTimeoutMilliseconds) / 1000)
@@ -39,6 +46,7 @@ public enum TransferError: Error, CustomStringConvertible, Equatable {
     case descriptorMissing(regionID: UInt32, index: Int32)
     case memfdTooSmall(regionID: UInt32, size: Int, needed: Int)
     case injected(String)
+    case peerStopped(while: String)
 
     public var description: String {
         switch self {
@@ -51,6 +59,7 @@ public enum TransferError: Error, CustomStringConvertible, Equatable {
         case let .descriptorMissing(id, index): "memfd region \(id) refers to descriptor \(index), which did not arrive"
         case let .memfdTooSmall(id, size, needed): "memfd of region \(id) holds \(size) bytes, region needs \(needed)"
         case .injected(let what): "injected fault: \(what)"
+        case .peerStopped(let what): "the peer stopped (wrote or hung up on the agent socket) while waiting on \(what)"
         }
     }
 }

@@ -48,6 +48,7 @@ let goldenMessages: [(String, Message, String)] = [
     ("committed", .committed, "4241544e 0100 0b00 00 00 0000 00000000"),
     ("abandon", .abandon(reason: "stop"), "4241544e 0100 0c00 00 00 0000 06000000  0400 73746f70"),
     ("failure", .failure(code: 2, message: "no"), "4241544e 0100 0d00 00 00 0000 06000000  0200 0200 6e6f"),
+    ("chunksVerified", .chunksVerified(indices: [3, 0x100]), "4241544e 0100 0e00 00 00 0000 0c000000  02000000 03000000 00010000"),
 ]
 
 func decodeFull(_ bytes: [UInt8]) throws -> Message {

@@ -22,7 +22,7 @@ struct FaultTests {
     @Test("a corrupted chunk is caught and names region and offset", arguments: ["gift", "copy"])
     func corruptChunk(_ transport: String) throws {
         let r = try run(transport: transport, receiver: "corrupt-chunk:3")
-        #expect(r.sent.status == 3)
+        #expect(r.sent.status == 4, "integrity failures exit 4")
         #expect(r.sent.stderr.contains("integrity check failed: region 0 offset 0x300000: chunk 3 checksum"), "\(r.sent.stderr)")
         #expect(r.sent.stderr.split(separator: "\n").count == 1, "one line: \(r.sent.stderr)")
         #expect(r.received.outcome?.committed == false)
