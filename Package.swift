@@ -28,6 +28,11 @@ let package = Package(
             "BatonSystem", "BatonCore", "BatonTransfer",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // <linux/kvm.h> request numbers as constants, flexible-array accessors.
+        .target(name: "CBatonKVM"),
+        // The reference hypervisor: KVM or simulated vCPUs, the reference guest and its model,
+        // vCPU state format, the Cloud Hypervisor-dialect API; embeds the agents.
+        .target(name: "BatonVMM", dependencies: ["CBatonKVM", "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport"]),
         // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).
         .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.

@@ -46,14 +46,26 @@ public final class OldInstanceAgent {
     /// Runs hello → region table → transfer → verify. Returns with the receiver verified
     /// and waiting for `commit`; throws (after telling the peer to abandon) otherwise.
     public func handOff(_ sources: [SourceRegion]) throws -> PendingHandoff {
-        let rollback = RollbackState()
+        try prepare(sources).transfer()
+    }
+
+    /// Everything that can happen while the VM still runs: hello, transport choice, region
+    /// table, and the receiver mapping (and pre-faulting) its destination memory.
+    public func prepare(_ sources: [SourceRegion]) throws -> PreparedHandoff {
+        let prepared = PreparedHandoff(agent: self, sources: sources)
+        try guarded(prepared) { try self.negotiate(prepared) }
+        return prepared
+    }
+
+    /// Runs `body`; on failure tells the peer to abandon, takes back any freed pages, and
+    /// rethrows with the most telling reason (the receiver's own, when it sent one).
+    func guarded<T>(_ prepared: PreparedHandoff, _ body: () throws -> T) throws -> T {
         do {
-            return try run(sources, rollback: rollback)
+            return try body()
         } catch {
             try? connection.send(.abandon(reason: "\(AgentError.wrap(error))"))
-            // A broken pipe usually means the receiver failed first: prefer its own reason.
             let peerReason = peerFailureReason()
-            let restored = try restoreReleasedPages(rollback)
+            let restored = try restoreReleasedPages(prepared.rollback)
             let cause = peerReason.map { AgentError.peerFailed($0, after: "\(AgentError.wrap(error))") } ?? AgentError.wrap(error)
             if let restored, !restored.lostChunks.isEmpty {
                 throw AgentError.rollbackLost(chunks: restored.lostChunks, cause: "\(cause)")
@@ -89,7 +101,8 @@ public final class OldInstanceAgent {
         return outcome
     }
 
-    private func run(_ sources: [SourceRegion], rollback: RollbackState) throws -> PendingHandoff {
+    func negotiate(_ prepared: PreparedHandoff) throws {
+        let sources = prepared.sources
         signal(SIGPIPE, SIG_IGN)  // a vanished reader must be EPIPE, not death
         try connection.setTimeout(seconds: options.stallTimeoutSeconds)
         try connection.authenticate(expectedUID: options.peerUID)
@@ -129,7 +142,20 @@ public final class OldInstanceAgent {
         }
         let receiverMemfds = Dictionary(uniqueKeysWithValues: zip(released.map(\.id), rollbackDescriptors))
         report.releasedSource = !released.isEmpty
+        prepared.report = report
+        prepared.kinds = kinds
+        prepared.table = table
+        prepared.receiverMemfds = receiverMemfds
+    }
 
+    /// The part inside the pause: frames sampled, bytes moved, everything verified.
+    func move(_ prepared: PreparedHandoff) throws -> PendingHandoff {
+        let sources = prepared.sources
+        let kinds = prepared.kinds
+        let table = prepared.table!
+        let receiverMemfds = prepared.receiverMemfds
+        let rollback = prepared.rollback
+        var report = prepared.report
         let byID = Dictionary(uniqueKeysWithValues: sources.map { ($0.region.id, $0) })
         let framesBefore = try Dictionary(uniqueKeysWithValues: sources.map {
             ($0.region.id, try MoveDetection.frames(base: $0.base, regionLength: $0.region.length, pageSize: pageSize))
@@ -260,6 +286,35 @@ extension OldInstanceAgent {
                 rollback.released.append(i)
             }
         }
+    }
+}
+
+/// A handoff whose receiver is ready (destinations mapped) and which waits for the pause.
+public final class PreparedHandoff {
+    let agent: OldInstanceAgent
+    let sources: [SourceRegion]
+    let rollback = OldInstanceAgent.RollbackState()
+    var report = TransferReport()
+    var kinds: [UInt32: TransportKind] = [:]
+    var table: RegionTable?
+    var receiverMemfds: [UInt32: FileDescriptor] = [:]
+
+    init(agent: OldInstanceAgent, sources: [SourceRegion]) {
+        self.agent = agent
+        self.sources = sources
+    }
+
+    /// How each region will travel, decided in preflight.
+    public var transports: [UInt32: String] { kinds.mapValues { "\($0)" } }
+
+    /// Moves and verifies the bytes. The sources must not change from here on (VM paused).
+    public func transfer() throws -> PendingHandoff {
+        try agent.guarded(self) { try agent.move(self) }
+    }
+
+    /// Gives up before anything moved; the receiver drops its destinations.
+    public func abandon(reason: String) {
+        try? agent.connection.send(.abandon(reason: reason))
     }
 }
 

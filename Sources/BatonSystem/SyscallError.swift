@@ -60,3 +60,8 @@ func retryingEINTR<T: BinaryInteger>(_ operation: String, _ body: (_ byteLimit: 
         throw SyscallError(operation, errno: code)
     }
 }
+
+/// A raw call for layers above (ioctls): EINTR retried, errno turned into `SyscallError(operation)`.
+public func checkedCall<T: BinaryInteger>(_ operation: String, _ body: () -> T) throws -> T {
+    try retryingEINTR(operation) { _ in body() }
+}
