@@ -9,6 +9,7 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "baton", targets: ["baton"]),
+        .executable(name: "batonvmm", targets: ["batonvmm"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -33,16 +34,25 @@ let package = Package(
         // The reference hypervisor: KVM or simulated vCPUs, the reference guest and its model,
         // vCPU state format, the Cloud Hypervisor-dialect API; embeds the agents.
         .target(name: "BatonVMM", dependencies: ["CBatonKVM", "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport"]),
+        // The upgrade sequence, journal, HypervisorControl and its implementations.
+        .target(name: "BatonController", dependencies: ["BatonSystem", "BatonCore"]),
         // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).
         .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.
         .target(name: "BatonCLI", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "baton", dependencies: ["BatonCLI"]),
+        .executableTarget(name: "batonvmm", dependencies: [
+            "BatonVMM", "BatonCore", "BatonSystem",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
         .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
+        .testTarget(name: "BatonVMMTests", dependencies: [
+            "BatonVMM", "BatonController", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
+        ]),
         .testTarget(name: "BatonSystemTests", dependencies: ["BatonSystem", "CBatonLinux"]),
         .testTarget(name: "BatonTransferTests", dependencies: [
             "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonCLI", "baton",

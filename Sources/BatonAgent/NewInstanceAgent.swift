@@ -25,6 +25,9 @@ public final class NewInstanceAgent {
     public let stallTimeoutSeconds: Double
     public let expectedUID: UInt32
     let provide: DestinationProvider
+    /// Runs when `commit` arrives, before `committed` is sent: the embedding hypervisor builds
+    /// (paused) what it will run. If it throws, the sender hears `failure` and keeps the guest.
+    public var prepareCommit: (([DestinationRegion]) throws -> Void)?
     let pageSize = PageSize(Host.pageSize)
 
     public private(set) var state: ReceiverState = .awaitingHello
@@ -117,8 +120,10 @@ public final class NewInstanceAgent {
             state = machine.verificationFinished(state, mismatch: mismatch)
             if let mismatch { throw AgentError.integrity(mismatch) }
         case .commit:
+            let regions = destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress }
+            try prepareCommit?(regions)
             try connection.send(.committed)
-            return destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress }
+            return regions
         case .discard(let reason):
             throw AgentError.abandoned(reason)
         }

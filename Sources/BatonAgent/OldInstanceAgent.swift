@@ -132,7 +132,11 @@ public final class OldInstanceAgent {
         }
         let table = try RegionTable(regions, pageSize: pageSize)
         try connection.send(.regionTable(table))
+        // Mapping and pre-faulting the destination scales with RAM (seconds per GiB on a busy
+        // host): this one wait gets a budget in proportion, the rest keep the stall timeout.
+        try connection.setTimeout(seconds: options.stallTimeoutSeconds + 10 * Double(table.totalBytes) / Double(1 << 30))
         let (ready, rollbackDescriptors) = try connection.receive(whileIn: "awaiting regionsReady")
+        try connection.setTimeout(seconds: options.stallTimeoutSeconds)
         guard case .regionsReady = ready else {
             throw ProtocolError.invalidMessage(state: "awaiting regionsReady", message: "\(ready.command)")
         }

@@ -52,3 +52,26 @@ public enum Host {
         return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
     }
 }
+
+public enum Spawn {
+    /// Starts `path` with `arguments` in a new session (it outlives its parent and the
+    /// parent's terminal signals), stdout and stderr appended to `logPath`. Returns the pid.
+    public static func detached(_ path: String, _ arguments: [String], logPath: String) throws -> pid_t {
+        let log = try checkedCall("open(\(logPath))") { open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) }
+        defer { close(log) }
+        var argv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var pid: Int32 = 0
+        let rc = cbaton_spawn_session(&pid, path, &argv, log)
+        guard rc == 0 else { throw SyscallError("posix_spawn(\(path))", errno: rc) }
+        return pid
+    }
+
+    /// Non-blocking reap: the exit status if `pid` has exited, nil while it runs.
+    public static func exitStatus(_ pid: pid_t) -> Int32? {
+        var status: Int32 = 0
+        let r = waitpid(pid, &status, WNOHANG)
+        guard r == pid else { return nil }
+        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    }
+}

@@ -29,6 +29,8 @@ public final class VirtualMachine: @unchecked Sendable {
     public private(set) var state: VMRunState = .created
     /// CLOCK_MONOTONIC when the vCPUs last started: how a controller measures downtime.
     public private(set) var lastStartNanoseconds: UInt64 = 0
+    /// Set by a new instance asked to digest its RAM before resuming (tests, `--digest`).
+    public var ramDigestBeforeResume: String?
     let lock = NSLock()
 
     /// Builds the VM around `ram` (fresh: the guest gets installed by `boot()`; handed over:

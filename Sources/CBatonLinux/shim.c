@@ -97,3 +97,21 @@ int cbaton_mincore(void *addr, size_t length, unsigned char *vec) { return minco
 
 int cbaton_pipe2_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 int cbaton_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }
+
+#include <spawn.h>
+extern char **environ;
+int cbaton_spawn_session(int *pid, const char *path, char *const argv[], int log_fd) {
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
+    posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
+    posix_spawnattr_init(&attr);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+    pid_t child = 0;
+    int rc = posix_spawn(&child, path, &actions, &attr, argv, environ);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+    *pid = child;
+    return rc;
+}

@@ -1,0 +1,221 @@
+import BatonSystem
+import Foundation
+import Glibc
+
+/// What `baton upgrade` reports: one stable log line, and this object with `--json`.
+public struct UpgradeReport: Codable, Sendable {
+    public var vm: String
+    public var transport: String
+    public var downtimeMs: Double = 0
+    public var pauseMs: Double = 0
+    public var stateMs: Double = 0
+    public var ramMs: Double = 0
+    public var verifyMs: Double = 0
+    public var resumeMs: Double = 0
+    public var ramBytes: UInt64 = 0
+    public var pagesMoved = false
+    public var pageDisposition = ""
+    public var verified = false
+    public var oldPid: Int32 = 0
+    public var newPid: Int32 = 0
+    public var rolledBack = false
+    public var ramDigestAtPause: String?
+    public var ramDigestBeforeResume: String?
+    public var error: String?
+
+    /// The stable one-line summary.
+    public var line: String {
+        if rolledBack { return "baton: upgrade of \(vm) ROLLED BACK (old pid \(oldPid) kept the guest): \(error ?? "")" }
+        return String(format: "baton: upgraded %@ pid %d → %d via %@: downtime %.2f ms (pause %.2f, state %.2f, ram %.2f, verify %.2f, resume %.2f), %@ RAM, pages %@, verified %@",
+                      vm, oldPid, newPid, transport, downtimeMs, pauseMs, stateMs, ramMs, verifyMs, resumeMs,
+                      "\(ramBytes >> 20)MiB", pageDisposition, verified ? "yes" : "no")
+    }
+}
+
+public struct UpgradeOptions: Sendable {
+    public var vmSocket: String
+    public var binary: String
+    public var transport = "auto"
+    public var releaseSource = false
+    public var runDirectory: String = UpgradeOptions.defaultRunDirectory
+    public var journalPath: String?
+    public var readyTimeoutSeconds = 30.0
+    public var stallTimeoutSeconds = 10.0
+    /// Whole-RAM digest at pause and in the new instance before it resumes (costs downtime).
+    public var digest = false
+
+    public init(vmSocket: String, binary: String) {
+        self.vmSocket = vmSocket
+        self.binary = binary
+    }
+
+    public static var defaultRunDirectory: String {
+        getuid() == 0 ? "/run/baton" : (ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"].map { $0 + "/baton" } ?? "/tmp/baton-\(getuid())")
+    }
+}
+
+public struct UpgradeFailure: Error, CustomStringConvertible {
+    public let description: String
+    public let report: UpgradeReport
+}
+
+/// The in-place upgrade of one reference-VMM guest. Before `committing` is journaled, every
+/// failure rolls back: the new instance is killed and the old one resumes, memory intact.
+public final class UpgradeController {
+    public let options: UpgradeOptions
+    let old: VMMSocketControl
+    var report: UpgradeReport
+    var journal: UpgradeJournal?
+    var childPid: pid_t?
+
+    public init(options: UpgradeOptions) {
+        self.options = options
+        old = VMMSocketControl(socketPath: options.vmSocket)
+        report = UpgradeReport(vm: options.vmSocket, transport: options.transport)
+    }
+
+    struct StatusWithStart: Decodable {
+        let pid: Int32
+        let state: String
+        let startedAtMonotonicNs: UInt64
+        let ramBytes: Int
+        let ramDigestBeforeResume: String?
+    }
+
+    struct TransferOutcome: Decodable {
+        struct Report: Decodable {
+            struct Region: Decodable { let id: UInt32; let transport: String; let bytes: UInt64; let pages: String }
+            let regions: [Region]
+            let sendSeconds: Double
+            let transferAndVerifySeconds: Double
+            let verified: Bool
+        }
+        let report: Report
+        let stateMs: Double
+        let ramDigestAtPause: String?
+    }
+
+    func log(_ phase: UpgradeJournal.Phase, note: String? = nil) {
+        try? journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
+                                   oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note))
+    }
+
+    public func run() throws -> UpgradeReport {
+        try FileManager.default.createDirectory(atPath: options.runDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        chmod(options.runDirectory, 0o700)
+        journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-\(getpid()).jsonl")
+        // Preflight: nothing is started or paused until these hold.
+        guard access(options.binary, X_OK) == 0 else {
+            throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report)
+        }
+        let before: StatusWithStart
+        do {
+            before = try old.client.expectOK("GET", "/api/v1/baton/status").decode(StatusWithStart.self)
+        } catch {
+            throw UpgradeFailure(description: "cannot reach the VM at \(options.vmSocket): \(error)", report: report)
+        }
+        guard before.state == "Running" else {
+            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state), not Running; nothing was changed", report: report)
+        }
+        report.oldPid = before.pid
+        report.ramBytes = UInt64(before.ramBytes)
+        log(.started)
+
+        var paused = false
+        var prepared = false
+        do {
+            let agentSocket = "\(options.runDirectory)/agent-\(before.pid)-\(getpid()).sock"
+            try startNewInstance(agentSocket: agentSocket)
+            log(.newInstanceReady)
+            try old.client.expectOK("PUT", "/api/v1/baton/handoff.prepare", json: [
+                "agent_socket": agentSocket, "transport": options.transport,
+                "release_source": options.releaseSource, "stall_timeout_seconds": options.stallTimeoutSeconds,
+            ])
+            prepared = true
+            log(.prepared)
+            let pauseStart = Host.monotonicNanoseconds()
+            try old.pause()
+            paused = true
+            report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
+            log(.paused)
+            let outcome = try old.client.expectOK("PUT", "/api/v1/baton/handoff.transfer\(options.digest ? "?digest=1" : "")").decode(TransferOutcome.self)
+            report.stateMs = outcome.stateMs
+            report.ramMs = outcome.report.sendSeconds * 1000
+            report.verifyMs = (outcome.report.transferAndVerifySeconds - outcome.report.sendSeconds) * 1000
+            report.verified = outcome.report.verified
+            let ram = outcome.report.regions.first { $0.id == 0 }
+            report.transport = ram?.transport ?? options.transport
+            report.pageDisposition = ram?.pages ?? ""
+            report.pagesMoved = ram?.pages == "moved"
+            report.ramDigestAtPause = outcome.ramDigestAtPause
+            log(.transferred)
+            // The point of no return: after this line the new instance owns the guest.
+            log(.committing)
+            let commitStart = Host.monotonicNanoseconds()
+            try old.client.expectOK("PUT", "/api/v1/baton/handoff.commit")
+            log(.committed)
+            let after = try waitForNewInstance()
+            report.resumeMs = Double(after.startedAtMonotonicNs &- commitStart) / 1e6
+            report.downtimeMs = Double(after.startedAtMonotonicNs &- pauseStart) / 1e6
+            report.ramDigestBeforeResume = after.ramDigestBeforeResume
+            log(.resumed)
+            log(.done)
+            return report
+        } catch {
+            let journaledCommit = (try? UpgradeJournal.read(path: journal!.path).contains { $0.phase == .committed }) ?? false
+            if journaledCommit {
+                // Past commit the new instance owns the guest: never resume the old one.
+                throw UpgradeFailure(description: "committed, but the new instance did not report running: \(error); run `baton recover --journal \(journal!.path)`", report: report)
+            }
+            rollBack(prepared: prepared, paused: paused)
+            report.rolledBack = true
+            report.error = "\(error)"
+            log(.rolledBack, note: "\(error)")
+            throw UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest", report: report)
+        }
+    }
+
+    func rollBack(prepared: Bool, paused: Bool) {
+        if prepared { _ = try? old.client.request("PUT", "/api/v1/baton/handoff.abandon") }
+        if let childPid {
+            kill(childPid, SIGKILL)
+            var status: Int32 = 0
+            waitpid(childPid, &status, 0)
+        }
+        if paused { try? old.resume() }
+    }
+
+    /// Starts the new binary as a new instance and waits until its agent socket accepts,
+    /// or fails with the reason (missing, crashing, exiting at once, too slow).
+    func startNewInstance(agentSocket: String) throws {
+        let logPath = "\(options.runDirectory)/batonvmm-new-\(getpid()).log"
+        var args = ["--incoming", agentSocket, "--api-socket", "path=\(options.vmSocket)"]
+        if options.digest { args.append("--digest-before-resume") }
+        let pid = try Spawn.detached(options.binary, args, logPath: logPath)
+        childPid = pid
+        report.newPid = pid
+        let deadline = Date().addingTimeInterval(options.readyTimeoutSeconds)
+        while !FileManager.default.fileExists(atPath: agentSocket) {
+            if let status = Spawn.exitStatus(pid) {
+                childPid = nil
+                let tail = (try? String(contentsOfFile: logPath, encoding: .utf8))?.split(separator: "\n").last.map(String.init) ?? ""
+                throw VMMClient.Failure(description: "new binary \(options.binary) exited with status \(status) before it was ready\(tail.isEmpty ? "" : ": \(tail)")")
+            }
+            if Date() > deadline { throw VMMClient.Failure(description: "new binary \(options.binary) was not ready within \(options.readyTimeoutSeconds) s") }
+            usleep(2_000)
+        }
+    }
+
+    /// After commit: the VM socket path is taken over by the new instance once its vCPUs run.
+    func waitForNewInstance() throws -> StatusWithStart {
+        let deadline = Date().addingTimeInterval(options.readyTimeoutSeconds)
+        while Date() < deadline {
+            if let s = try? old.client.expectOK("GET", "/api/v1/baton/status").decode(StatusWithStart.self),
+               s.pid == report.newPid, s.state == "Running" {
+                return s
+            }
+            usleep(500)
+        }
+        throw VMMClient.Failure(description: "the new instance (pid \(report.newPid)) did not take over \(options.vmSocket)")
+    }
+}

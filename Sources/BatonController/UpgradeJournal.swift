@@ -1,0 +1,45 @@
+import BatonSystem
+import Foundation
+import Glibc
+
+/// A crash-safe record of one upgrade: one JSON line per phase, fsync'd before the phase's
+/// effects begin, so `baton recover` can finish (after commit) or roll back (before it).
+public final class UpgradeJournal: @unchecked Sendable {
+    public enum Phase: String, Codable, Sendable {
+        case started, newInstanceReady, prepared, paused, transferred, committing, committed, resumed, rolledBack, done
+    }
+
+    public struct Entry: Codable, Sendable {
+        public var phase: Phase
+        public var atMonotonicNs: UInt64
+        public var vm: String
+        public var oldPid: Int32?
+        public var newPid: Int32?
+        public var note: String?
+    }
+
+    public let path: String
+    let fd: Int32
+
+    public init(path: String) throws {
+        self.path = path
+        fd = try checkedCall("open(\(path))") { open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) }
+    }
+
+    deinit { close(fd) }
+
+    public func record(_ entry: Entry) throws {
+        let line = Array(try JSONEncoder().encode(entry)) + [UInt8(ascii: "\n")]
+        _ = try line.withUnsafeBytes { raw in try checkedCall("write(\(path))") { write(fd, raw.baseAddress, raw.count) } }
+        _ = try checkedCall("fsync(\(path))") { fsync(fd) }
+    }
+
+    public static func read(path: String) throws -> [Entry] {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw VMMClient.Failure(description: "journal \(path) cannot be read")
+        }
+        return String(decoding: data, as: UTF8.self).split(separator: "\n").compactMap {
+            try? JSONDecoder().decode(Entry.self, from: Data($0.utf8))  // a torn last line is ignored
+        }
+    }
+}

@@ -1,0 +1,209 @@
+import BatonAgent
+import BatonCore
+import BatonSystem
+import BatonTransfer
+import Foundation
+import Glibc
+
+/// The control API of one batonvmm process, in Cloud Hypervisor's REST dialect plus Baton's
+/// handoff endpoints under /api/v1/baton/. It owns the VM and, on the old side of an
+/// upgrade, the prepared/pending handoff.
+public final class VMMService: @unchecked Sendable {
+    public static let version = "batonvmm 0.1.0 (cloud-hypervisor API v1 subset)"
+    let lock = NSLock()
+    public private(set) var vm: VirtualMachine?
+    var prepared: PreparedHandoff?
+    var pending: PendingHandoff?
+    var stateRegion: MemoryMapping?
+    /// Set on a new instance until its handoff commits.
+    public var incoming = false
+    public var onExit: @Sendable (Int32) -> Void = { code in exit(code) }
+
+    public init() {}
+
+    public func adopt(_ vm: VirtualMachine) {
+        lock.lock(); defer { lock.unlock() }
+        self.vm = vm
+        incoming = false
+    }
+
+    struct Info: Encodable {
+        let config: VMConfig?
+        let state: String
+        let memory_actual_size: Int
+    }
+
+    struct Status: Encodable {
+        let pid: Int32
+        let state: String
+        let backend: String?
+        let ramBytes: Int
+        let vcpus: Int
+        let beats: [GuestBeat?]
+        let heartbeatExits: UInt64
+        let startedAtMonotonicNs: UInt64
+        let failures: [String]
+        let ramDigestBeforeResume: String?
+    }
+
+    struct HandoffRequest: Decodable {
+        let agent_socket: String
+        let transport: String?
+        let release_source: Bool?
+        let stall_timeout_seconds: Double?
+    }
+
+    struct TransferOutcome: Encodable {
+        let report: TransferReport
+        let stateMs: Double
+        let stateBytes: Int
+        let transferMs: Double
+        let ramDigestAtPause: String?
+    }
+
+    public func handle(_ request: HTTPRequest) -> HTTPResponse {
+        let route = request.path.split(separator: "?")[0]
+        do {
+            switch (request.method, route) {
+            case ("GET", "/api/v1/vmm.ping"):
+                return .json(["build_version": Self.version, "version": "15.0-batonvmm", "pid": "\(getpid())"])
+            case ("PUT", "/api/v1/vm.create"):
+                let config = try JSONDecoder().decode(VMConfig.self, from: Data(request.body))
+                lock.lock(); defer { lock.unlock() }
+                guard vm == nil, !incoming else { return .error(409, "a VM already exists in this batonvmm") }
+                vm = try VirtualMachine.create(config)
+                return HTTPResponse(status: 204)
+            case ("PUT", "/api/v1/vm.boot"):
+                try requireVM().boot()
+                return HTTPResponse(status: 204)
+            case ("PUT", "/api/v1/vm.pause"):
+                try requireVM().pause()
+                return HTTPResponse(status: 204)
+            case ("PUT", "/api/v1/vm.resume"):
+                try requireVM().resume()
+                return HTTPResponse(status: 204)
+            case ("PUT", "/api/v1/vm.shutdown"):
+                try requireVM().shutdown()
+                return HTTPResponse(status: 204)
+            case ("PUT", "/api/v1/vmm.shutdown"):
+                vm?.shutdown()
+                return HTTPResponse(status: 204, afterSend: { [onExit] in onExit(0) })
+            case ("GET", "/api/v1/vm.info"):
+                let vm = self.vm
+                return .json(Info(config: vm?.config, state: incoming ? VMRunState.incoming.rawValue : (vm?.state.rawValue ?? "NotCreated"),
+                                  memory_actual_size: vm?.config.ramBytes ?? 0))
+            case ("GET", "/api/v1/baton/status"):
+                let vm = self.vm
+                return .json(Status(pid: getpid(), state: incoming ? "Incoming" : (vm?.state.rawValue ?? "NotCreated"), backend: vm?.backendName,
+                                    ramBytes: vm?.config.ramBytes ?? 0, vcpus: vm?.config.vcpus ?? 0, beats: vm?.beats.last ?? [],
+                                    heartbeatExits: vm?.beats.exits ?? 0, startedAtMonotonicNs: vm?.lastStartNanoseconds ?? 0,
+                                    failures: vm?.failures ?? [], ramDigestBeforeResume: vm?.ramDigestBeforeResume))
+            case ("PUT", "/api/v1/baton/handoff.prepare"):
+                return try prepareHandoff(JSONDecoder().decode(HandoffRequest.self, from: Data(request.body)))
+            case ("PUT", "/api/v1/baton/handoff.transfer"):
+                return try transferHandoff(digest: request.path.contains("digest=1"))
+            case ("PUT", "/api/v1/baton/handoff.commit"):
+                return try commitHandoff()
+            case ("PUT", "/api/v1/baton/handoff.abandon"):
+                lock.lock(); defer { lock.unlock() }
+                prepared?.abandon(reason: "controller abandoned the handoff")
+                pending?.abandon(reason: "controller abandoned the handoff")
+                prepared = nil
+                pending = nil
+                return HTTPResponse(status: 204)
+            case (_, let path) where path.hasPrefix("/api/v1/"):
+                return .error(404, "unknown endpoint \(request.method) \(path)")
+            default:
+                return .error(404, "not found: \(request.path)")
+            }
+        } catch let e as DecodingError {
+            return .error(400, "bad JSON body: \(e)")
+        } catch let e as VMError {
+            if case .invalidState = e { return .error(409, "\(e)") }
+            return .error(400, "\(e)")
+        } catch let e as VMConfig.Invalid {
+            return .error(400, "\(e)")
+        } catch {
+            return .error(500, "\(error)")
+        }
+    }
+
+    func requireVM() throws -> VirtualMachine {
+        guard let vm else { throw VMError.noVM }
+        return vm
+    }
+
+    /// The pseudo guest address of the region that carries the vCPU state blob.
+    static let stateRegionAddress: UInt64 = 1 << 48
+    static let stateRegionID: UInt32 = 1
+
+    func prepareHandoff(_ request: HandoffRequest) throws -> HTTPResponse {
+        lock.lock(); defer { lock.unlock() }
+        let vm = try requireVM()
+        guard prepared == nil, pending == nil else { return .error(409, "a handoff is already in progress") }
+        guard vm.state == .running || vm.state == .paused else { throw VMError.invalidState(action: "hand off", state: vm.state) }
+        var options = HandoffOptions()
+        if let t = request.transport {
+            guard let choice = TransportChoice(rawValue: t) else { return .error(400, "transport '\(t)' is not gift, memfd, copy or auto") }
+            options.transport = choice
+        }
+        options.releaseSource = request.release_source ?? false
+        options.stallTimeoutSeconds = request.stall_timeout_seconds ?? 10
+        let stateBytes = Host.pageSize * ((64 << 10) / Host.pageSize + vm.config.vcpus * 8)
+        let state = try MemoryMapping.memfd(name: "batonvmm-vcpu-state", length: stateBytes)
+        stateRegion = state
+        let sources = [
+            SourceRegion(id: 0, guestAddress: 0, mapping: vm.ram),
+            SourceRegion(id: Self.stateRegionID, guestAddress: Self.stateRegionAddress, mapping: state),
+        ]
+        let connection = AgentConnection(socket: try UnixSocket.connect(path: request.agent_socket))
+        prepared = try OldInstanceAgent(connection: connection, options: options).prepare(sources)
+        return .json(["transports": prepared!.transports.mapKeys { "\($0)" }])
+    }
+
+    func transferHandoff(digest: Bool) throws -> HTTPResponse {
+        lock.lock(); defer { lock.unlock() }
+        guard let prepared, let stateRegion else { return .error(409, "no prepared handoff (call handoff.prepare first)") }
+        let vm = try requireVM()
+        let t0 = Host.monotonicNanoseconds()
+        let blob = try vm.saveState().encoded()
+        guard blob.count + 4 <= stateRegion.length else { return .error(500, "vCPU state (\(blob.count) bytes) exceeds its region") }
+        stateRegion.base.storeBytes(of: UInt32(blob.count).littleEndian, as: UInt32.self)
+        _ = blob.withUnsafeBytes { memcpy(stateRegion.base + 4, $0.baseAddress!, blob.count) }
+        let t1 = Host.monotonicNanoseconds()
+        let ramDigest = digest ? String(RAMDigest.of(vm.ram.base, count: vm.config.ramBytes), radix: 16) : nil
+        self.prepared = nil
+        let pending = try prepared.transfer()
+        self.pending = pending
+        return .json(TransferOutcome(report: pending.report, stateMs: Double(t1 - t0) / 1e6, stateBytes: blob.count,
+                                     transferMs: pending.report.transferAndVerifySeconds * 1000, ramDigestAtPause: ramDigest))
+    }
+
+    func commitHandoff() throws -> HTTPResponse {
+        lock.lock(); defer { lock.unlock() }
+        guard let pending else { return .error(409, "no verified handoff to commit") }
+        try pending.commit()
+        self.pending = nil
+        // The new instance owns the guest now: this process must never run it again.
+        vm?.shutdown()
+        return HTTPResponse(status: 204, afterSend: { [onExit] in onExit(0) })
+    }
+}
+
+/// A whole-RAM digest for tests and `?digest=1`: the chunk checksum over 1 MiB pieces, folded.
+public enum RAMDigest {
+    public static func of(_ base: UnsafeRawPointer, count: Int) -> UInt64 {
+        var sums: [UInt64] = []
+        var offset = 0
+        while offset < count {
+            let n = min(1 << 20, count - offset)
+            sums.append(ChunkChecksum.compute(base: base + offset, count: n, seed: UInt64(offset)))
+            offset += n
+        }
+        return XXH64.digest(ofChunkChecksums: sums)
+    }
+}
+
+extension Dictionary {
+    func mapKeys<K: Hashable>(_ f: (Key) -> K) -> [K: Value] { Dictionary<K, Value>(uniqueKeysWithValues: map { (f($0.key), $0.value) }) }
+}

@@ -1,0 +1,97 @@
+import ArgumentParser
+import BatonCore
+import BatonSystem
+import BatonVMM
+import Foundation
+import Glibc
+
+/// `batonvmm`: the reference hypervisor. Thin: parses arguments, builds the service, runs.
+struct BatonVMMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "batonvmm",
+        abstract: "Baton's reference VMM on KVM (simulated vCPU without /dev/kvm), Cloud Hypervisor API dialect.",
+        version: VMMService.version)
+
+    @Option(help: "Start a VM with this much RAM at once (same as vm.create + vm.boot).")
+    var ram: String?
+
+    @Option(help: "vCPUs for --ram.")
+    var vcpus: Int = 1
+
+    @Option(help: "Guest RAM backing for --ram: shared (memfd) or private (anonymous).")
+    var memory: String = "shared"
+
+    @Flag(help: "Use the simulated vCPU even where /dev/kvm works.")
+    var simulated = false
+
+    @Option(help: "Control socket path (created 0600 once it accepts requests).")
+    var control: String?
+
+    @Option(name: .customLong("api-socket"), help: "Cloud Hypervisor style: path=P or fd=N (an inherited listening socket).")
+    var apiSocket: String?
+
+    @Option(help: "Start as a new instance that waits for a handoff on this agent socket.")
+    var incoming: String?
+
+    @Flag(help: "With --incoming: digest all guest RAM after the handoff, before the guest resumes (costs downtime).")
+    var digestBeforeResume = false
+
+    func validate() throws {
+        guard control != nil || apiSocket != nil else { throw ValidationError("give --control PATH or --api-socket path=P|fd=N") }
+        if let apiSocket, !(apiSocket.hasPrefix("path=") || apiSocket.hasPrefix("fd=")) {
+            throw ValidationError("--api-socket: expected path=P or fd=N, got '\(apiSocket)'")
+        }
+        if let ram, ByteSize(parsing: ram) == nil { throw ValidationError("--ram: '\(ram)' is not a size (e.g. 256MiB)") }
+        guard memory == "shared" || memory == "private" else { throw ValidationError("--memory: shared or private, got '\(memory)'") }
+        if incoming != nil && ram != nil { throw ValidationError("--incoming takes its VM from the handoff; drop --ram") }
+    }
+
+    func run() throws {
+        signal(SIGPIPE, SIG_IGN)
+        let service = VMMService()
+        let apiPath = control ?? apiSocket.flatMap { $0.hasPrefix("path=") ? String($0.dropFirst(5)) : nil }
+        let listenerFD: FileDescriptor
+        var listener: UnixListener?
+        if let apiSocket, apiSocket.hasPrefix("fd=") {
+            guard let fd = Int32(apiSocket.dropFirst(3)), fd >= 0 else { throw ValidationError("--api-socket fd=N: bad descriptor") }
+            listenerFD = FileDescriptor(owning: fd)
+        } else {
+            // A new instance listens under a staging name and takes over the real path only
+            // once it runs the guest, so the path always reaches the instance that owns the VM.
+            let path = incoming == nil ? apiPath! : apiPath! + ".incoming-\(getpid())"
+            listener = try UnixListener(path: path)
+            listenerFD = listener!.fd
+        }
+        if let ram {
+            let config = VMConfig(ramBytes: ByteSize(parsing: ram)!.bytes, vcpus: vcpus, shared: memory == "shared", simulated: simulated)
+            let vm = try VirtualMachine.create(config)
+            try vm.boot()
+            service.adopt(vm)
+            FileHandle.standardError.write(Data("batonvmm \(getpid()): VM running, \(ByteSize(config.ramBytes)) RAM, \(vcpus) vCPU(s), \(vm.backendName) backend\n".utf8))
+        }
+        service.incoming = incoming != nil
+        HTTPServer(listener: listenerFD, handler: service.handle).start()
+        if let incoming {
+            do {
+                var handoff = IncomingHandoff(agentSocket: incoming)
+                handoff.digestBeforeResume = digestBeforeResume
+                let vm = try handoff.run()
+                service.adopt(vm)
+                if let listener, let apiPath { _ = rename(listener.path, apiPath) }
+                FileHandle.standardError.write(Data("batonvmm \(getpid()): took over the guest (\(vm.backendName))\n".utf8))
+            } catch {
+                FileHandle.standardError.write(Data("batonvmm \(getpid()): handoff failed: \(error)\n".utf8))
+                listener?.remove()
+                throw ExitCode(3)
+            }
+        }
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGTERM)
+        sigaddset(&set, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        var received: Int32 = 0
+        sigwait(&set, &received)
+        service.vm?.shutdown()
+    }
+}

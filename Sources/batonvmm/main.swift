@@ -1,0 +1,3 @@
+import BatonVMM
+
+BatonVMMCommand.main()
