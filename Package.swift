@@ -40,7 +40,7 @@ let package = Package(
         .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.
         .target(name: "BatonCLI", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

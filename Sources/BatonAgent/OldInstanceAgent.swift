@@ -254,7 +254,9 @@ public final class OldInstanceAgent {
 
         for s in sources {
             let after = frames.filter { $0.regionID == s.region.id }.sorted { $0.offset < $1.offset }.map(\.frame)
-            let stillResident = try PageMap.residentPages(base: s.base, length: Int(s.region.length), pageSize: pageSize.bytes) > 0
+            // The sampled pages only: a mincore over all of RAM costs milliseconds inside the pause.
+            let samples = TransferPlan.frameSampleOffsets(regionLength: s.region.length, pageSize: pageSize).map { UnsafeRawPointer(s.base + Int($0)) }
+            let stillResident = try PageMap.entries(for: samples, pageSize: pageSize.bytes).contains { $0.present }
             let disposition = MoveDetection.disposition(before: framesBefore[s.region.id]!, after: after, sourceStillResident: stillResident)
             report.regions.append(RegionReport(id: s.region.id, transport: "\(kinds[s.region.id]!)", bytes: s.region.length, pages: disposition))
         }

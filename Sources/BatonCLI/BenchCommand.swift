@@ -8,7 +8,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks (figures, never assertions).",
-        subcommands: [Transfer.self])
+        subcommands: [Transfer.self, UpgradeBench.self])
 
     struct Transfer: ParsableCommand {
         static let configuration = CommandConfiguration(

@@ -96,8 +96,9 @@ public final class UpgradeController {
     }
 
     func log(_ phase: UpgradeJournal.Phase, note: String? = nil) {
+        let durable = ![.paused, .transferred].contains(phase)  // informational, and inside the pause
         try? journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
-                                   oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note))
+                                   oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note), durable: durable)
     }
 
     public func run() throws -> UpgradeReport {

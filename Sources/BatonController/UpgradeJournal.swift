@@ -28,10 +28,13 @@ public final class UpgradeJournal: @unchecked Sendable {
 
     deinit { close(fd) }
 
-    public func record(_ entry: Entry) throws {
+    /// Appends `entry`. Only entries recovery decides on are made durable with fsync
+    /// (`durable`); inside the pause an fsync costs milliseconds of downtime on this disk, and
+    /// recovery only asks whether `committing` was reached (before it: always roll back).
+    public func record(_ entry: Entry, durable: Bool = true) throws {
         let line = Array(try JSONEncoder().encode(entry)) + [UInt8(ascii: "\n")]
         _ = try line.withUnsafeBytes { raw in try checkedCall("write(\(path))") { write(fd, raw.baseAddress, raw.count) } }
-        _ = try checkedCall("fsync(\(path))") { fsync(fd) }
+        if durable { _ = try checkedCall("fsync(\(path))") { fsync(fd) } }
     }
 
     public static func read(path: String) throws -> [Entry] {

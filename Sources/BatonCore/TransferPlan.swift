@@ -13,6 +13,9 @@ public struct Chunk: Equatable, Sendable {
 /// The deterministic schedule both agents derive from the region table and `transferBegin`,
 /// so page contents need no framing: lane k carries its chunks in order, back to back.
 public struct TransferPlan: Equatable, Sendable {
+    /// How many pages of a shared region are spot-checked when not verifying every byte.
+    public static let sampledChunksPerRegion = 64
+
     public let chunks: [Chunk]
     public let laneCount: Int
     public let chunkSize: Int
@@ -44,9 +47,17 @@ public struct TransferPlan: Equatable, Sendable {
         for region in table.regions {
             guard let t = byID[region.id] else { throw .regionMissing(region.id) }
             let streamed = t.transport == .gift || t.transport == .pipeCopy || t.transport == .processVmReadv
+            // Shared (memfd) regions are not copied, so unless asked for every byte they are
+            // spot-checked: at most `sampledChunksPerRegion` chunks, one page each, whatever the
+            // size, keeping the handoff O(1) in RAM.
+            var size = UInt64(chunkSize)
+            if !streamed && !fullVerification {
+                let spread = (region.length + UInt64(Self.sampledChunksPerRegion) - 1) / UInt64(Self.sampledChunksPerRegion)
+                size = max(size, UInt64(page.roundUp(Int(spread))))
+            }
             var offset: UInt64 = 0
             while offset < region.length {
-                let n = min(UInt64(chunkSize), region.length - offset)
+                let n = min(size, region.length - offset)
                 let checked = (streamed || fullVerification) ? n : min(n, UInt64(page.bytes))
                 plain.append((region, offset, n, streamed, checked))
                 offset += n
