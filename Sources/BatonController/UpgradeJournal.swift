@@ -16,6 +16,15 @@ public final class UpgradeJournal: @unchecked Sendable {
         public var oldPid: Int32?
         public var newPid: Int32?
         public var note: String?
+
+        public init(phase: Phase, atMonotonicNs: UInt64, vm: String, oldPid: Int32?, newPid: Int32?, note: String? = nil) {
+            self.phase = phase
+            self.atMonotonicNs = atMonotonicNs
+            self.vm = vm
+            self.oldPid = oldPid
+            self.newPid = newPid
+            self.note = note
+        }
     }
 
     public let path: String

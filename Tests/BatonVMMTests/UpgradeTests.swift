@@ -95,3 +95,48 @@ struct UpgradeTests {
 func isZombie(_ pid: Int32) -> Bool {
     (Host.readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ")
 }
+
+@Suite("Recovery after a controller crash")
+struct RecoveryTests {
+    @Test("a journal that stops before commit rolls back: the new instance is killed, the old resumes")
+    func recoverBeforeCommit() throws {
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let oldPid = try vmm.status().pid
+        try vmm.client.expectOK("PUT", "/api/v1/vm.pause")
+        #expect(try vmm.status().state == "Paused")
+        // Stand-in for a new instance the crashed controller had started.
+        let stray = try Spawn.detached("/bin/sleep", ["300"], logPath: vmm.directory + "/stray.log")
+        let path = vmm.directory + "/journal.jsonl"
+        let journal = try UpgradeJournal(path: path)
+        for phase in [UpgradeJournal.Phase.started, .newInstanceReady, .prepared, .paused] {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: vmm.socket, oldPid: oldPid, newPid: stray))
+        }
+        let outcome = try UpgradeRecovery.recover(journalPath: path)
+        #expect(outcome.hasPrefix("rolled back"), "\(outcome)")
+        usleep(50_000)
+        #expect(Spawn.exitStatus(stray) != nil || kill(stray, 0) != 0, "the stray new instance was killed")
+        #expect(try vmm.status().state == "Running")
+        let before = try vmm.beat()
+        expectMatchesModel(try vmm.beat(after: before.counter))
+        #expect(try UpgradeRecovery.recover(journalPath: path).contains("already finished"))
+    }
+
+    @Test("a journal past commit rolls forward: the old instance must not survive")
+    func recoverAfterCommit() throws {
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let newPid = try vmm.status().pid  // here the running VMM plays the instance that took over
+        let oldStandIn = try Spawn.detached("/bin/sleep", ["300"], logPath: vmm.directory + "/old.log")
+        let path = vmm.directory + "/journal.jsonl"
+        let journal = try UpgradeJournal(path: path)
+        for phase in [UpgradeJournal.Phase.started, .prepared, .paused, .transferred, .committing] {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: vmm.socket, oldPid: oldStandIn, newPid: newPid))
+        }
+        let outcome = try UpgradeRecovery.recover(journalPath: path)
+        #expect(outcome.hasPrefix("rolled forward"), "\(outcome)")
+        usleep(50_000)
+        #expect(Spawn.exitStatus(oldStandIn) != nil || kill(oldStandIn, 0) != 0, "never two instances")
+        #expect(try vmm.status().state == "Running")
+    }
+}
