@@ -79,6 +79,8 @@ public final class UpgradeController {
         let state: String
         let startedAtMonotonicNs: UInt64
         let ramBytes: Int
+        let vcpus: Int?
+        let backend: String?
         let ramDigestBeforeResume: String?
     }
 
@@ -126,7 +128,7 @@ public final class UpgradeController {
         var prepared = false
         do {
             let agentSocket = "\(options.runDirectory)/agent-\(before.pid)-\(getpid()).sock"
-            try startNewInstance(agentSocket: agentSocket)
+            try startNewInstance(agentSocket: agentSocket, expectVCPUs: before.backend == "kvm" ? before.vcpus : nil)
             log(.newInstanceReady)
             try old.client.expectOK("PUT", "/api/v1/baton/handoff.prepare", json: [
                 "agent_socket": agentSocket, "transport": options.transport,
@@ -188,9 +190,10 @@ public final class UpgradeController {
 
     /// Starts the new binary as a new instance and waits until its agent socket accepts,
     /// or fails with the reason (missing, crashing, exiting at once, too slow).
-    func startNewInstance(agentSocket: String) throws {
+    func startNewInstance(agentSocket: String, expectVCPUs: Int?) throws {
         let logPath = "\(options.runDirectory)/batonvmm-new-\(getpid()).log"
         var args = ["--incoming", agentSocket, "--api-socket", "path=\(options.vmSocket)"]
+        if let expectVCPUs { args += ["--expect-vcpus", "\(expectVCPUs)"] }
         if options.digest { args.append("--digest-before-resume") }
         let pid = try Spawn.detached(options.binary, args, logPath: logPath)
         childPid = pid

@@ -13,6 +13,8 @@ public struct IncomingHandoff {
     public let acceptTimeoutSeconds: Double
     public let stallTimeoutSeconds: Double
     public var digestBeforeResume = false
+    /// vCPUs to create before the pause (the controller's hint from the old instance).
+    public var expectedVCPUs: Int?
 
     public init(agentSocket: String, acceptTimeoutSeconds: Double = 60, stallTimeoutSeconds: Double = 10) {
         self.agentSocket = agentSocket
@@ -34,6 +36,7 @@ public struct IncomingHandoff {
     /// Returns the restored, running VM. Throws if the handoff was abandoned or failed; the
     /// old instance still holds the guest then.
     public func run() throws -> VirtualMachine {
+        let prebuilt = KVMHost.unavailableReason == nil ? expectedVCPUs.flatMap { try? PrebuiltKVM(vcpus: $0) } : nil
         let listener = try UnixListener(path: agentSocket)
         defer { listener.remove() }
         let connection = AgentConnection(socket: try listener.accept(timeoutSeconds: acceptTimeoutSeconds))
@@ -48,7 +51,7 @@ public struct IncomingHandoff {
             let length = Int(UInt32(littleEndian: stateRegion.base.load(as: UInt32.self)))
             guard length > 0, length + 4 <= Int(stateRegion.region.length) else { throw VMState.DecodeError.truncated("state length \(length)") }
             let blob = Array(UnsafeRawBufferPointer(start: stateRegion.base + 4, count: length))
-            restored = try VirtualMachine.restore(try VMState.decode(blob), ram: ram.mapping)
+            restored = try VirtualMachine.restore(try VMState.decode(blob), ram: ram.mapping, prebuilt: prebuilt)
         }
         _ = try agent.receive()
         guard let vm = restored else { throw VMError.noVM }

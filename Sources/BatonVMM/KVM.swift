@@ -134,23 +134,35 @@ public final class KVMVCPU: @unchecked Sendable {
         try withCPUIDBuffer { raw in _ = try kvmIoctl(fd.raw, CBATON_KVM_GET_CPUID2, "KVM_GET_CPUID2", raw) }
     }
 
-    /// Reads `indices` (skipping any this host refuses) as (index, value) pairs.
+    /// Reads `indices` (skipping any this host refuses) as (index, value) pairs, in as few
+    /// ioctls as possible (each vCPU ioctl costs ~8 µs on this host).
     public func msrs(_ indices: [UInt32]) throws -> [(UInt32, UInt64)] {
         var out: [(UInt32, UInt64)] = []
-        for index in indices {
-            if let v = try? msrBatch([(index, 0)], read: true).first { out.append(v) }
+        var rest = indices.map { ($0, UInt64(0)) }
+        while !rest.isEmpty {
+            let (done, values) = try msrBatch(rest, read: true)
+            out += values.prefix(done)
+            rest = Array(rest.dropFirst(done + 1))  // KVM stops at the first index it refuses: skip it
         }
         return out
     }
 
-    /// Writes MSRs one by one; returns the indices the host refused (e.g. PV EOI without an irqchip).
+    /// Writes MSRs in as few ioctls as possible; returns the indices the host refused
+    /// (e.g. PV EOI without an in-kernel irqchip).
     public func setMSRs(_ values: [(UInt32, UInt64)]) throws -> [UInt32] {
         var refused: [UInt32] = []
-        for v in values where (try? msrBatch([v], read: false)) == nil { refused.append(v.0) }
+        var rest = values
+        while !rest.isEmpty {
+            let (done, _) = try msrBatch(rest, read: false)
+            if done < rest.count { refused.append(rest[done].0) }
+            rest = Array(rest.dropFirst(done + 1))
+        }
         return refused
     }
 
-    private func msrBatch(_ entries: [(UInt32, UInt64)], read: Bool) throws -> [(UInt32, UInt64)] {
+    /// One KVM_GET_MSRS/KVM_SET_MSRS: returns how many entries it processed (it stops at the
+    /// first failure) and the entries as they are after the call.
+    private func msrBatch(_ entries: [(UInt32, UInt64)], read: Bool) throws -> (Int, [(UInt32, UInt64)]) {
         let size = MemoryLayout<kvm_msrs>.size + entries.count * MemoryLayout<kvm_msr_entry>.stride
         let raw = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
         defer { raw.deallocate() }
@@ -160,7 +172,6 @@ public final class KVMVCPU: @unchecked Sendable {
         let e = cbaton_kvm_msr_entries(m)!
         for (i, v) in entries.enumerated() { e[i].index = v.0; e[i].data = v.1 }
         let n = try kvmIoctl(fd.raw, read ? CBATON_KVM_GET_MSRS : CBATON_KVM_SET_MSRS, read ? "KVM_GET_MSRS" : "KVM_SET_MSRS", raw)
-        guard n == entries.count else { throw SyscallError(read ? "KVM_GET_MSRS (partial)" : "KVM_SET_MSRS (partial)", errno: EINVAL) }
-        return (0..<entries.count).map { (e[$0].index, e[$0].data) }
+        return (Int(n), (0..<entries.count).map { (e[$0].index, e[$0].data) })
     }
 }

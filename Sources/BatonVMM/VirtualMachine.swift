@@ -35,17 +35,18 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// Builds the VM around `ram` (fresh: the guest gets installed by `boot()`; handed over:
     /// state gets restored by `restore(_:)`).
-    init(config: VMConfig, ram: MemoryMapping) throws {
+    init(config: VMConfig, ram: MemoryMapping, prebuilt: PrebuiltKVM? = nil) throws {
         try config.validate()
         self.config = config
         self.ram = ram
         beats = BeatLog(vcpus: config.vcpus)
         if !config.simulated && KVMHost.unavailableReason == nil {
             backend = .kvm
-            let machine = try KVMMachine()
+            let reuse = prebuilt.flatMap { $0.vcpus.count == config.vcpus ? $0 : nil }
+            let machine = try reuse?.machine ?? KVMMachine()
             try machine.setMemory(slot: 0, guestAddress: 0, host: ram.base, length: config.ramBytes)
             kvm = machine
-            kvmVCPUs = try (0..<config.vcpus).map { try KVMVCPU(machine: machine, index: $0) }
+            kvmVCPUs = try reuse?.vcpus ?? (0..<config.vcpus).map { try KVMVCPU(machine: machine, index: $0) }
         } else {
             backend = .simulated
             kvm = nil
@@ -179,10 +180,10 @@ public final class VirtualMachine: @unchecked Sendable {
     }
 
     /// Builds a paused VM in this process around handed-over RAM and restores `saved` into it.
-    public static func restore(_ saved: VMState, ram: MemoryMapping) throws -> VirtualMachine {
+    public static func restore(_ saved: VMState, ram: MemoryMapping, prebuilt: PrebuiltKVM? = nil) throws -> VirtualMachine {
         var config = saved.config
         if saved.backend == .simulated { config.baton_guest = VMConfig.Guest(delay_spins: config.baton_guest?.delay_spins, heartbeat_mask: config.baton_guest?.heartbeat_mask, simulated: true) }
-        let vm = try VirtualMachine(config: config, ram: ram)
+        let vm = try VirtualMachine(config: config, ram: ram, prebuilt: saved.backend == .kvm ? prebuilt : nil)
         guard vm.backend == saved.backend else { throw VMError.backendMismatch(saved: saved.backend, here: vm.backend) }
         if let kvm = vm.kvm {
             for (vcpu, s) in zip(vm.kvmVCPUs, saved.kvm) {
@@ -215,6 +216,19 @@ public final class VirtualMachine: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         guard state == .paused else { throw VMError.invalidState(action: "resume", state: state) }
         try startRunners()
+    }
+}
+
+/// A KVM VM and its vCPUs created by a new instance before the pause (creating them costs
+/// ~1 ms that would otherwise fall inside the downtime); used if the saved state matches.
+public struct PrebuiltKVM: @unchecked Sendable {
+    public let machine: KVMMachine
+    public let vcpus: [KVMVCPU]
+
+    public init(vcpus count: Int) throws {
+        let m = try KVMMachine()
+        machine = m
+        vcpus = try (0..<count).map { try KVMVCPU(machine: m, index: $0) }
     }
 }
 

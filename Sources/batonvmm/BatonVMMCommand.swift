@@ -33,6 +33,9 @@ struct BatonVMMCommand: ParsableCommand {
     @Option(help: "Start as a new instance that waits for a handoff on this agent socket.")
     var incoming: String?
 
+    @Option(help: "With --incoming: create this many KVM vCPUs before the handoff (a hint; ignored if the state differs).")
+    var expectVcpus: Int?
+
     @Flag(help: "With --incoming: digest all guest RAM after the handoff, before the guest resumes (costs downtime).")
     var digestBeforeResume = false
 
@@ -75,6 +78,7 @@ struct BatonVMMCommand: ParsableCommand {
             do {
                 var handoff = IncomingHandoff(agentSocket: incoming)
                 handoff.digestBeforeResume = digestBeforeResume
+                handoff.expectedVCPUs = expectVcpus
                 let vm = try handoff.run()
                 service.adopt(vm)
                 if let listener, let apiPath { _ = rename(listener.path, apiPath) }
