@@ -36,11 +36,13 @@ let package = Package(
         .target(name: "BatonVMM", dependencies: ["CBatonKVM", "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport"]),
         // The upgrade sequence, journal, HypervisorControl and its implementations.
         .target(name: "BatonController", dependencies: ["BatonSystem", "BatonCore"]),
+        // The handoff harness: fault matrix, load, reports.
+        .target(name: "BatonHarness", dependencies: ["BatonController", "BatonVMM", "BatonCore", "BatonSystem", "BatonTestSupport"]),
         // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).
         .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.
         .target(name: "BatonCLI", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

@@ -86,6 +86,16 @@ public final class AgentConnection: @unchecked Sendable {
             header.payloadLength = MessageHeader.maximumPayload + 1
             bytes = header.encoded() + bytes.dropFirst(MessageHeader.size)
         }
+        if faults.stallMessage == name {
+            // Silent, connection open: the peer's stall timeout must end the handoff.
+            let limit = (timeoutSeconds ?? 10) * 3
+            var slept = 0.0
+            while slept < limit {
+                if (try? socket.fd.wait(for: Int16(POLLIN), timeoutMilliseconds: 100)) == true { break }  // the peer gave up
+                slept += 0.1
+            }
+            throw TransferError.injected("stalled instead of sending \(name)")
+        }
         if faults.truncateMessage == name {
             try socket.send(Array(bytes.prefix(max(MessageHeader.size, bytes.count - 4))), descriptors: descriptors.map(\.raw))
             socket.shutdownWrite()

@@ -43,6 +43,10 @@ public struct UpgradeOptions: Sendable {
     public var stallTimeoutSeconds = 10.0
     /// Whole-RAM digest at pause and in the new instance before it resumes (costs downtime).
     public var digest = false
+    /// Environment for the new instance (fault switches: BATON_FAULT, BATON_SYSCALL_FAULTS).
+    public var newInstanceEnvironment: [String: String] = [:]
+    /// A controller-side fault point (the harness's fault matrix).
+    public var fault: ControllerFault?
 
     public init(vmSocket: String, binary: String) {
         self.vmSocket = vmSocket
@@ -52,6 +56,35 @@ public struct UpgradeOptions: Sendable {
     public static var defaultRunDirectory: String {
         getuid() == 0 ? "/run/baton" : (ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"].map { $0 + "/baton" } ?? "/tmp/baton-\(getuid())")
     }
+}
+
+/// Faults the controller itself can inject at a phase boundary, by name:
+/// `kill-new-after:PHASE` (SIGKILL the new instance), `kill-old-after:PHASE`,
+/// `crash-controller-after:PHASE` (stop dead, as if SIGKILLed: no rollback; `baton recover` must finish).
+public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
+    public enum Action: String, Sendable { case killNew = "kill-new-after", killOld = "kill-old-after", crash = "crash-controller-after" }
+    public let action: Action
+    public let phase: UpgradeJournal.Phase
+
+    public init(action: Action, phase: UpgradeJournal.Phase) {
+        self.action = action
+        self.phase = phase
+    }
+
+    public init?(parsing text: String) {
+        let parts = text.split(separator: ":").map(String.init)
+        guard parts.count == 2, let a = Action(rawValue: parts[0]), let p = UpgradeJournal.Phase(rawValue: parts[1]) else { return nil }
+        self.init(action: a, phase: p)
+    }
+
+    public var description: String { "\(action.rawValue):\(phase.rawValue)" }
+}
+
+/// Thrown when `crash-controller-after` fires: everything after it is left as a crash leaves it.
+public struct ControllerCrashed: Error, CustomStringConvertible {
+    public let phase: UpgradeJournal.Phase
+    public let journalPath: String
+    public var description: String { "controller crashed (injected) after \(phase.rawValue); journal \(journalPath)" }
 }
 
 public struct UpgradeFailure: Error, CustomStringConvertible {
@@ -97,10 +130,16 @@ public final class UpgradeController {
         let ramDigestAtPause: String?
     }
 
-    func log(_ phase: UpgradeJournal.Phase, note: String? = nil) {
+    func log(_ phase: UpgradeJournal.Phase, note: String? = nil) throws {
         let durable = ![.paused, .transferred].contains(phase)  // informational, and inside the pause
         try? journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
                                    oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note), durable: durable)
+        guard let fault = options.fault, fault.phase == phase else { return }
+        switch fault.action {
+        case .killNew: if report.newPid > 0 { kill(report.newPid, SIGKILL) }
+        case .killOld: if report.oldPid > 0 { kill(report.oldPid, SIGKILL) }
+        case .crash: throw ControllerCrashed(phase: phase, journalPath: journal?.path ?? "")
+        }
     }
 
     public func run() throws -> UpgradeReport {
@@ -122,25 +161,25 @@ public final class UpgradeController {
         }
         report.oldPid = before.pid
         report.ramBytes = UInt64(before.ramBytes)
-        log(.started)
+        try log(.started)
 
         var paused = false
         var prepared = false
         do {
             let agentSocket = "\(options.runDirectory)/agent-\(before.pid)-\(getpid()).sock"
             try startNewInstance(agentSocket: agentSocket, expectVCPUs: before.backend == "kvm" ? before.vcpus : nil)
-            log(.newInstanceReady)
+            try log(.newInstanceReady)
             try old.client.expectOK("PUT", "/api/v1/baton/handoff.prepare", json: [
                 "agent_socket": agentSocket, "transport": options.transport,
                 "release_source": options.releaseSource, "stall_timeout_seconds": options.stallTimeoutSeconds,
             ])
             prepared = true
-            log(.prepared)
+            try log(.prepared)
             let pauseStart = Host.monotonicNanoseconds()
             try old.pause()
             paused = true
             report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
-            log(.paused)
+            try log(.paused)
             let outcome = try old.client.expectOK("PUT", "/api/v1/baton/handoff.transfer\(options.digest ? "?digest=1" : "")").decode(TransferOutcome.self)
             report.stateMs = outcome.stateMs
             report.ramMs = outcome.report.sendSeconds * 1000
@@ -151,19 +190,21 @@ public final class UpgradeController {
             report.pageDisposition = ram?.pages ?? ""
             report.pagesMoved = ram?.pages == "moved"
             report.ramDigestAtPause = outcome.ramDigestAtPause
-            log(.transferred)
+            try log(.transferred)
             // The point of no return: after this line the new instance owns the guest.
-            log(.committing)
+            try log(.committing)
             let commitStart = Host.monotonicNanoseconds()
             try old.client.expectOK("PUT", "/api/v1/baton/handoff.commit")
-            log(.committed)
+            try log(.committed)
             let after = try waitForNewInstance()
             report.resumeMs = Double(after.startedAtMonotonicNs &- commitStart) / 1e6
             report.downtimeMs = Double(after.startedAtMonotonicNs &- pauseStart) / 1e6
             report.ramDigestBeforeResume = after.ramDigestBeforeResume
-            log(.resumed)
-            log(.done)
+            try log(.resumed)
+            try log(.done)
             return report
+        } catch let crash as ControllerCrashed {
+            throw crash
         } catch {
             let journaledCommit = (try? UpgradeJournal.read(path: journal!.path).contains { $0.phase == .committed }) ?? false
             if journaledCommit {
@@ -173,7 +214,7 @@ public final class UpgradeController {
             rollBack(prepared: prepared, paused: paused)
             report.rolledBack = true
             report.error = "\(error)"
-            log(.rolledBack, note: "\(error)")
+            try? log(.rolledBack, note: "\(error)")
             throw UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest", report: report)
         }
     }
@@ -195,7 +236,7 @@ public final class UpgradeController {
         var args = ["--incoming", agentSocket, "--api-socket", "path=\(options.vmSocket)"]
         if let expectVCPUs { args += ["--expect-vcpus", "\(expectVCPUs)"] }
         if options.digest { args.append("--digest-before-resume") }
-        let pid = try Spawn.detached(options.binary, args, logPath: logPath)
+        let pid = try Spawn.detached(options.binary, args, logPath: logPath, environment: options.newInstanceEnvironment)
         childPid = pid
         report.newPid = pid
         let deadline = Date().addingTimeInterval(options.readyTimeoutSeconds)

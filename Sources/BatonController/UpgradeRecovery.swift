@@ -17,19 +17,30 @@ public enum UpgradeRecovery {
         let control = VMMSocketControl(socketPath: first.vm)
         func alive(_ pid: Int32?) -> Bool { pid.map { kill($0, 0) == 0 } ?? false }
         if phases.contains(.committing) {
-            if alive(newPid) {
+            // The controller decided to commit. Finish that decision if the old instance still
+            // holds the verified handoff; otherwise see who runs the guest.
+            if alive(oldPid), (try? control.client.expectOK("PUT", "/api/v1/baton/handoff.commit")) != nil {
+                try journal.record(.init(phase: .committed, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid))
+            }
+            var owner: Int32?
+            for _ in 0..<200 {
+                if let pid = try? control.pid(), pid == newPid, (try? control.state()) == "Running" { owner = pid; break }
+                usleep(10_000)
+            }
+            if let owner {
                 if alive(oldPid) { kill(oldPid!, SIGKILL) }  // never two instances
                 try journal.record(.init(phase: .done, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "recovered forward"))
-                return "rolled forward: new instance pid \(newPid!) owns \(first.vm)"
+                return "rolled forward: new instance pid \(owner) owns \(first.vm)"
             }
             if alive(oldPid) {
-                // The new instance died before it ran the guest; the old one still holds it paused.
+                // The commit never reached the new instance: the old one still holds the guest.
+                if alive(newPid) { kill(newPid!, SIGKILL) }
                 _ = try? control.client.request("PUT", "/api/v1/baton/handoff.abandon")
-                try control.resume()
-                try journal.record(.init(phase: .rolledBack, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "new instance gone after commit began"))
-                return "rolled back: old instance pid \(oldPid!) resumed (the new one died before running the guest)"
+                if (try? control.state()) == "Paused" { try control.resume() }
+                try journal.record(.init(phase: .rolledBack, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "commit never completed"))
+                return "rolled back: old instance pid \(oldPid!) resumed (the commit never completed)"
             }
-            return "LOST: neither instance of \(first.vm) is alive"
+            return "LOST: neither instance of \(first.vm) runs the guest"
         }
         if alive(newPid) { kill(newPid!, SIGKILL) }
         if alive(oldPid) {

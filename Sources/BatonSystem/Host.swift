@@ -56,13 +56,32 @@ public enum Host {
 public enum Spawn {
     /// Starts `path` with `arguments` in a new session (it outlives its parent and the
     /// parent's terminal signals), stdout and stderr appended to `logPath`. Returns the pid.
-    public static func detached(_ path: String, _ arguments: [String], logPath: String) throws -> pid_t {
+    public static func detached(_ path: String, _ arguments: [String], logPath: String, environment: [String: String] = [:]) throws -> pid_t {
         let log = try checkedCall("open(\(logPath))") { open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) }
         defer { close(log) }
         var argv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
+        // The parent's environment with `environment` overriding (fault switches for one child).
+        var merged: [String: String] = [:]
+        var e = environ
+        while let entry = e.pointee {
+            let text = String(cString: entry)
+            if let eq = text.firstIndex(of: "=") { merged[String(text[..<eq])] = String(text[text.index(after: eq)...]) }
+            e += 1
+        }
+        for (k, v) in environment { merged[k] = v }
+        var envp: [UnsafeMutablePointer<CChar>?] = merged.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { envp.forEach { free($0) } }
         var pid: Int32 = 0
-        let rc = cbaton_spawn_session(&pid, path, &argv, log)
+        var rc = cbaton_spawn_session(&pid, path, &argv, &envp, log)
+        // ETXTBSY: another thread's fork briefly inherited a write descriptor to this freshly
+        // written binary (the classic copy-then-exec race); it clears within milliseconds.
+        var attempts = 0
+        while rc == ETXTBSY && attempts < 50 {
+            usleep(10_000)
+            attempts += 1
+            rc = cbaton_spawn_session(&pid, path, &argv, &envp, log)
+        }
         guard rc == 0 else { throw SyscallError("posix_spawn(\(path))", errno: rc) }
         return pid
     }

@@ -8,6 +8,7 @@ import Glibc
 /// - `stall-after-chunk:K`      sender stops sending after chunk K (the receiver's stall timeout must fire)
 /// - `kill-sender-after-chunk:K` / `kill-receiver-after-chunk:K`  SIGKILL that process after chunk K
 /// - `truncate-message:COMMAND` / `oversize-message:COMMAND`  the agent mangles that message
+/// - `stall-message:COMMAND`    the agent goes silent instead of sending that message
 public struct FaultPlan: Sendable, Equatable {
     public static let environmentVariable = "BATON_FAULT"
 
@@ -18,6 +19,7 @@ public struct FaultPlan: Sendable, Equatable {
     public var killReceiverAfterChunk: Int?
     public var truncateMessage: String?
     public var oversizeMessage: String?
+    public var stallMessage: String?
 
     public init() {}
 
@@ -49,6 +51,7 @@ public struct FaultPlan: Sendable, Equatable {
             case "kill-receiver-after-chunk": killReceiverAfterChunk = try chunk()
             case "truncate-message": truncateMessage = arg
             case "oversize-message": oversizeMessage = arg
+            case "stall-message": stallMessage = arg
             default: throw ParseError(description: "unknown fault point '\(name)'")
             }
         }

@@ -100,7 +100,7 @@ int cbaton_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOE
 
 #include <spawn.h>
 extern char **environ;
-int cbaton_spawn_session(int *pid, const char *path, char *const argv[], int log_fd) {
+int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd) {
     posix_spawn_file_actions_t actions;
     posix_spawnattr_t attr;
     posix_spawn_file_actions_init(&actions);
@@ -109,7 +109,7 @@ int cbaton_spawn_session(int *pid, const char *path, char *const argv[], int log
     posix_spawnattr_init(&attr);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
     pid_t child = 0;
-    int rc = posix_spawn(&child, path, &actions, &attr, argv, environ);
+    int rc = posix_spawn(&child, path, &actions, &attr, argv, envp ? envp : environ);
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attr);
     *pid = child;

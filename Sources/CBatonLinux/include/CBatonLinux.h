@@ -40,5 +40,5 @@ int cbaton_mincore(void *addr, size_t length, unsigned char *vec);
 int cbaton_pipe2_cloexec(int fds[2]);
 int cbaton_accept_cloexec(int sock);
 /* posix_spawn of `path` in a new session (POSIX_SPAWN_SETSID), stdout+stderr to log_fd. */
-int cbaton_spawn_session(int *pid, const char *path, char *const argv[], int log_fd);
+int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd);
 #endif

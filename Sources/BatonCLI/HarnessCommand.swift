@@ -1,0 +1,92 @@
+import ArgumentParser
+import BatonCore
+import BatonHarness
+import BatonSystem
+import BatonTestSupport
+import Foundation
+import Glibc
+
+struct HarnessCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "harness",
+        abstract: "Run upgrade scenarios against real batonvmm processes: fault matrix, concurrency, downtime by size.")
+
+    @Option(help: "Faults to inject: 'all', 'none', or comma-separated names (see Docs/FAULTS.md).")
+    var faults: String?
+
+    @Option(help: "Transports for the fault matrix and downtime runs.")
+    var transports: String = "memfd,gift,copy"
+
+    @Option(help: "Guest RAM for fault and concurrent cases.")
+    var ram: String = "64MiB"
+
+    @Option(help: "Upgrade this many VMs at the same time; all must end verified.")
+    var concurrent: Int?
+
+    @Option(help: "Comma-separated RAM sizes: downtime min/median/max per size and transport, and the SVG chart.")
+    var sizes: String?
+
+    @Option(help: "Clean upgrades per size and transport for --sizes.")
+    var runs: Int = 3
+
+    @Option(help: "Where the Markdown report and SVG charts go.")
+    var reportDirectory: String = "harness-report"
+
+    @Flag(help: "Print one JSON object at the end.")
+    var json = false
+
+    func validate() throws {
+        guard faults != nil || concurrent != nil || sizes != nil else {
+            throw ValidationError("give --faults, --concurrent or --sizes")
+        }
+        if let faults, faults != "all" {
+            let known = Set(HarnessFault.all.map(\.name))
+            for f in faults.split(separator: ",") where !known.contains(String(f)) {
+                throw ValidationError("--faults: unknown fault '\(f)' (known: \(HarnessFault.all.map(\.name).joined(separator: ", ")))")
+            }
+        }
+        if let concurrent, !(1...64).contains(concurrent) { throw ValidationError("--concurrent must be 1...64") }
+    }
+
+    func run() throws {
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let vmm = URL(fileURLWithPath: me).deletingLastPathComponent().path + "/batonvmm"
+        let work = try BatonProcess.makeRunDirectory("harness")
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        var harness = Harness(batonvmm: vmm, workDirectory: work)
+        harness.progress = { line in if !json { FileHandle.standardError.write(Data((line + "\n").utf8)) } }
+        let ramBytes = try parseSize(ram, option: "--ram")
+        let transportList = transports.split(separator: ",").map(String.init)
+        var report = HarnessReport()
+        if let faults {
+            let selected = faults == "all" ? HarnessFault.all : HarnessFault.all.filter { faults.split(separator: ",").map(String.init).contains($0.name) }
+            report.cases += harness.faultMatrix(selected, transports: transportList, ramBytes: ramBytes)
+        }
+        if let concurrent {
+            report.concurrent = concurrent
+            report.cases += harness.concurrent(concurrent, transport: transportList.first ?? "memfd", ramBytes: ramBytes)
+        }
+        if let sizes {
+            report.downtime = harness.downtime(sizes: try sizes.split(separator: ",").map { try parseSize(String($0), option: "--sizes") },
+                                               transports: transportList, runs: runs)
+        }
+        report.summarize()
+        try FileManager.default.createDirectory(atPath: reportDirectory, withIntermediateDirectories: true)
+        let command = CommandLine.arguments.joined(separator: " ")
+        try HarnessCharts.markdown(report, command: command).write(toFile: reportDirectory + "/REPORT.md", atomically: true, encoding: .utf8)
+        if !report.cases.isEmpty { try HarnessCharts.faultGrid(report.cases).write(toFile: reportDirectory + "/faults.svg", atomically: true, encoding: .utf8) }
+        if !report.downtime.isEmpty { try HarnessCharts.downtimeChart(report.downtime).write(toFile: reportDirectory + "/downtime.svg", atomically: true, encoding: .utf8) }
+        if json {
+            printJSON(report)
+        } else {
+            let s = report.summary
+            print("harness: \(s.passed)/\(s.total) passed, lost \(s.lost) (unexpected \(s.unexpectedLoss)), split brain \(s.splitBrain); report in \(reportDirectory)/REPORT.md")
+            for r in report.downtime {
+                print("  downtime \(r.transport) \(ByteSize(r.ramBytes)): " + String(format: "%.2f / %.2f / %.2f ms", r.downtimeMs.min, r.downtimeMs.median, r.downtimeMs.max))
+            }
+        }
+        if report.summary.passed != report.summary.total || report.summary.unexpectedLoss > 0 || report.summary.splitBrain > 0 {
+            throw BatonExit.failure.code
+        }
+    }
+}
