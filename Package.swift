@@ -53,8 +53,9 @@ let package = Package(
         ]),
         .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
         .testTarget(name: "BatonVMMTests", dependencies: [
-            "BatonVMM", "BatonController", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
+            "BatonVMM", "BatonController", "BatonHarness", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
         ]),
+        .testTarget(name: "BatonFuzzTests", dependencies: ["BatonCore", "BatonVMM"]),
         .testTarget(name: "BatonSystemTests", dependencies: ["BatonSystem", "CBatonLinux"]),
         .testTarget(name: "BatonTransferTests", dependencies: [
             "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonCLI", "baton",

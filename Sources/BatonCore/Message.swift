@@ -130,7 +130,7 @@ public struct MessageHeader: Equatable, Sendable {
         let command = try r.u16("command")
         let descriptors = try r.u8("descriptor count")
         let flags = try r.u8("flags")
-        _ = try r.u16("reserved")
+        try r.reserved(2, "header reserved")
         let length = try r.u32("payload length")
         guard Command(rawValue: command) != nil else { throw .unknownCommand(command) }
         guard length <= maximumPayload else {

@@ -190,7 +190,7 @@ public enum Message: Equatable, Sendable {
             message = .hello(version: version, oldestVersion: oldest, pageSize: pageSize, capabilities: Capabilities(rawValue: caps))
         case .welcome:
             let version = try r.u16("version")
-            _ = try r.u16("reserved")
+            try r.reserved(2, "welcome reserved")
             message = .welcome(version: version, capabilities: Capabilities(rawValue: try r.u64("capabilities")))
         case .regionTable:
             let pageSize = try r.u32("page size")
@@ -212,14 +212,14 @@ public enum Message: Equatable, Sendable {
         case .regionsReady:
             message = .regionsReady(rollbackDescriptors: try r.u8("rollback descriptors"))
         case .transferBegin:
-            let lanes = try r.u8("lanes"), full = try r.u8("verification")
+            let lanes = try r.u8("lanes"), full = try r.bool("full verification")
             let descriptors = Int(try r.u16("descriptor count"))
             let chunk = try r.u32("chunk size"), pipe = try r.u32("pipe capacity"), pid = try r.i32("source pid")
             let n = try r.count("region count", recordSize: 28)
             var regions: [RegionTransfer] = []
             for _ in 0..<n {
                 let id = try r.u32("region id"), t = try r.u8("transport")
-                _ = try r.u8("reserved"); _ = try r.u16("reserved")
+                try r.reserved(3, "region transfer reserved")
                 let index = try r.i32("descriptor index"), offset = try r.u64("descriptor offset")
                 let source = try r.u64("source address")
                 guard let kind = TransportKind(rawValue: t) else {
@@ -234,7 +234,7 @@ public enum Message: Equatable, Sendable {
                 throw .invalidField(command: name, field: chunk == 0 ? "chunk size" : "lanes", value: "0")
             }
             message = .transferBegin(TransferBegin(lanes: lanes, chunkSize: chunk, pipeCapacity: pipe, sourcePID: pid,
-                                                   fullVerification: full != 0, regions: regions, descriptorCount: descriptors))
+                                                   fullVerification: full, regions: regions, descriptorCount: descriptors))
         case .chunkChecksums:
             let first = try r.u32("first chunk")
             let n = try r.count("checksum count", recordSize: 8)
@@ -254,7 +254,7 @@ public enum Message: Equatable, Sendable {
             message = .verify(digests: digests)
         case .verifyResult:
             var mismatch: Mismatch? = nil
-            if try r.u8("mismatch flag") != 0 {
+            if try r.bool("mismatch flag") {
                 mismatch = Mismatch(regionID: try r.u32("region id"), offset: try r.u64("offset"), detail: try r.string("detail"))
             }
             let n = try r.count("frame count", recordSize: 20)

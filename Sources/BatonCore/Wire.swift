@@ -48,9 +48,27 @@ public struct WireReader {
     public mutating func u64(_ field: String) throws(ProtocolError) -> UInt64 { try integer(UInt64.self, field) }
     public mutating func i32(_ field: String) throws(ProtocolError) -> Int32 { Int32(bitPattern: try u32(field)) }
 
+    /// Strict: invalid UTF-8 is refused rather than repaired, so what decodes re-encodes identically.
     public mutating func string(_ field: String) throws(ProtocolError) -> String {
         let n = Int(try u16(field))
-        return String(decoding: try take(n, field), as: UTF8.self)
+        let bytes = try take(n, field)
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard Array(text.utf8) == Array(bytes) else { throw .invalidField(command: "string", field: field, value: "invalid UTF-8") }
+        return text
+    }
+
+    /// A flag byte: 0 or 1, nothing else.
+    public mutating func bool(_ field: String) throws(ProtocolError) -> Bool {
+        let v = try u8(field)
+        guard v <= 1 else { throw .invalidField(command: "flag", field: field, value: "\(v) (must be 0 or 1)") }
+        return v == 1
+    }
+
+    /// Reserved bytes must be zero: a later version may give them meaning.
+    public mutating func reserved(_ count: Int, _ field: String) throws(ProtocolError) {
+        for b in try take(count, field) where b != 0 {
+            throw .invalidField(command: "reserved", field: field, value: "non-zero byte \(b)")
+        }
     }
 
     /// A count of following records, bounded by what the payload can hold.

@@ -42,6 +42,9 @@ public struct HarnessCase {
     public let workDirectory: String
     /// A ready new binary shared by concurrent cases (copying it per case races with forks).
     public var newBinaryPath: String?
+    /// Digest all guest RAM at pause and before resume (fault cases); off for downtime runs,
+    /// where it would add two full passes over RAM to the figure being measured.
+    public var digest = true
 
     public init(fault: HarnessFault, transport: String, ramBytes: Int, batonvmm: String, workDirectory: String, newBinaryPath: String? = nil) {
         self.newBinaryPath = newBinaryPath
@@ -93,7 +96,9 @@ public struct HarnessCase {
         do {
             let old = try Spawn.detached(batonvmm, ["--ram", "\(ramBytes)", "--control", socket], logPath: dir + "/old.log", environment: fault.oldEnvironment)
             pids.append(old)
-            guard BatonProcess.waitForPath(socket, timeoutSeconds: 30), let before = waitBeat(client, after: 0) else {
+            // Booting fills guest RAM with a pattern: seconds per GiB on this host.
+            let bootBudget = 10 + 5 * Double(ramBytes) / Double(1 << 30)
+            guard BatonProcess.waitForPath(socket, timeoutSeconds: bootBudget), let before = waitBeat(client, after: 0, timeout: bootBudget) else {
                 result.detail = "the old instance never ran the guest"
                 return result
             }
@@ -101,7 +106,7 @@ public struct HarnessCase {
             options.transport = transport
             options.runDirectory = dir + "/run"
             options.journalPath = dir + "/journal.jsonl"
-            options.digest = true
+            options.digest = digest
             options.stallTimeoutSeconds = fault.stallTimeout
             options.readyTimeoutSeconds = 15
             options.newInstanceEnvironment = fault.newEnvironment

@@ -124,7 +124,8 @@ public final class HTTPServer: @unchecked Sendable {
         if headers["transfer-encoding"]?.lowercased().contains("chunked") == true {
             while true {
                 guard let sizeLine = reader.readUntil(Array("\r\n".utf8), limit: 256),
-                      let size = Int(String(decoding: sizeLine, as: UTF8.self).split(separator: ";")[0].trimmingCharacters(in: .whitespaces), radix: 16) else {
+                      let size = Int(String(decoding: sizeLine, as: UTF8.self).split(separator: ";").first.map(String.init)?.trimmingCharacters(in: .whitespaces) ?? "", radix: 16),
+                      size >= 0 else {
                     write(.error(400, "malformed chunk size"), to: fd)
                     return nil
                 }
@@ -186,6 +187,7 @@ struct BufferedReader {
     }
 
     mutating func read(count: Int) -> [UInt8]? {
+        guard count >= 0 else { return nil }
         while buffer.count < count { if !fill() { return nil } }
         let out = Array(buffer.prefix(count))
         buffer.removeFirst(count)
@@ -197,4 +199,17 @@ func accept4Compat(_ fd: Int32) -> Int32 {
     let c = accept(fd, nil, nil)
     if c >= 0 { _ = fcntl(c, F_SETFD, FD_CLOEXEC) }
     return c
+}
+
+/// Feeds raw bytes through the real request parser (over a socketpair) for fuzz tests:
+/// returns the parsed request or nil, never crashes or hangs (the writer closes its end).
+public enum HTTPFuzzProbe {
+    public static func parse(_ bytes: [UInt8]) -> HTTPRequest? {
+        guard let (a, b) = try? UnixSocket.pair() else { return nil }
+        try? a.send(bytes)
+        a.shutdownWrite()
+        let server = HTTPServer(listener: b.fd) { _ in HTTPResponse(status: 204) }
+        var reader = BufferedReader(fd: b.fd)
+        return server.readRequest(&reader, b.fd)
+    }
 }
