@@ -31,7 +31,9 @@ public final class NewInstanceAgent {
     let pageSize = PageSize(Host.pageSize)
 
     public private(set) var state: ReceiverState = .awaitingHello
-    var destinations: [UInt32: DestinationRegion] = [:]
+    public private(set) var destinations: [UInt32: DestinationRegion] = [:]
+    /// The old instance's pid (SO_PEERCRED), to tell its death from a mere hang-up.
+    public private(set) var peerPID: Int32?
     var plan: TransferPlan?
     var job: LaneJob?
     var control: TransferControl?
@@ -58,6 +60,7 @@ public final class NewInstanceAgent {
         do {
             try connection.setTimeout(seconds: stallTimeoutSeconds)
             try connection.authenticate(expectedUID: expectedUID)
+            peerPID = try? connection.socket.peerCredentials().pid
             while true {
                 let (message, descriptors) = try connection.receive(whileIn: state.name)
                 let (next, action) = try machine.step(state, message)
@@ -71,7 +74,12 @@ public final class NewInstanceAgent {
             if case .abandoned = state {} else if !isPeerGone(error) {
                 try? connection.send(.failure(code: 1, message: "\(wrapped)"))
             }
-            destinations = [:]
+            // What an adoption after the old instance's death could use: everything, if it was
+            // all received and verified (only the commit was missing); else only what was handed
+            // over as a descriptor (shared with the old instance, complete by construction).
+            if case .awaitingCommit = state {} else {
+                destinations = destinations.filter { $0.value.region.flags.contains(.arrivesAsDescriptor) }
+            }
             throw wrapped
         }
     }
@@ -92,6 +100,16 @@ public final class NewInstanceAgent {
         case .reply(let message):
             try connection.send(message)
         case .prepareDestinations(let table):
+            // memfd regions: map what came with the table now (lazily), so this instance holds
+            // guest RAM before the pause and could adopt it if the old instance died.
+            let early = table.regions.filter { $0.flags.contains(.arrivesAsDescriptor) }
+            for (region, fd) in zip(early, descriptors) {
+                let size = Int(try fd.status().st_size)
+                guard size >= Int(region.length) else {
+                    throw TransferError.memfdTooSmall(regionID: region.id, size: size, needed: Int(region.length))
+                }
+                destinations[region.id] = DestinationRegion(region: region, mapping: try MemoryMapping.shared(fd: fd, offset: 0, length: Int(region.length)))
+            }
             var rollback: [FileDescriptor] = []
             for region in table.regions where !region.flags.contains(.arrivesAsDescriptor) {
                 if region.flags.contains(.releasedBySender) {
@@ -150,6 +168,14 @@ public final class NewInstanceAgent {
         let kinds = Dictionary(uniqueKeysWithValues: begin.regions.map { ($0.regionID, $0) })
         for region in table.regions where kinds[region.id]?.transport == .memfd {
             let t = kinds[region.id]!
+            if let early = destinations[region.id]?.mapping.backing, Int(t.descriptorIndex) < descriptors.count {
+                // Already mapped from the table's descriptor: it must be the very same file.
+                let a = try early.status(), b = try descriptors[Int(t.descriptorIndex)].status()
+                guard a.st_ino == b.st_ino && a.st_dev == b.st_dev && t.descriptorOffset == 0 else {
+                    throw TransferError.descriptorMissing(regionID: region.id, index: t.descriptorIndex)
+                }
+                continue
+            }
             guard Int(t.descriptorIndex) < descriptors.count else {
                 throw TransferError.descriptorMissing(regionID: region.id, index: t.descriptorIndex)
             }

@@ -131,7 +131,8 @@ public final class OldInstanceAgent {
             return GuestRegion(id: s.region.id, guestAddress: s.region.guestAddress, length: s.region.length, flags: flags)
         }
         let table = try RegionTable(regions, pageSize: pageSize)
-        try connection.send(.regionTable(table))
+        let early = table.regions.filter { $0.flags.contains(.arrivesAsDescriptor) }.compactMap { r in sources.first { $0.region.id == r.id }?.memfd }
+        try connection.send(.regionTable(table), descriptors: early)
         // Mapping and pre-faulting the destination scales with RAM (seconds per GiB on a busy
         // host): this one wait gets a budget in proportion, the rest keep the stall timeout.
         try connection.setTimeout(seconds: options.stallTimeoutSeconds + 10 * Double(table.totalBytes) / Double(1 << 30))

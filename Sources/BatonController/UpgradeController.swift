@@ -206,6 +206,9 @@ public final class UpgradeController {
         } catch let crash as ControllerCrashed {
             throw crash
         } catch {
+            if paused && !Self.alive(report.oldPid) {
+                return try rollForwardAfterOldDeath(cause: error)
+            }
             let journaledCommit = (try? UpgradeJournal.read(path: journal!.path).contains { $0.phase == .committed }) ?? false
             if journaledCommit {
                 // Past commit the new instance owns the guest: never resume the old one.
@@ -216,6 +219,35 @@ public final class UpgradeController {
             report.error = "\(error)"
             try? log(.rolledBack, note: "\(error)")
             throw UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest", report: report)
+        }
+    }
+
+    static func alive(_ pid: Int32) -> Bool {
+        guard pid > 0, kill(pid, 0) == 0 else { return false }
+        return !(Host.readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ")
+    }
+
+    /// The old instance died after the pause. With memfd-backed RAM the new instance already
+    /// holds guest RAM and the state saved at the pause: tell it to adopt them. Otherwise the
+    /// pages that had not left the old process died with it, and the VM is lost.
+    func rollForwardAfterOldDeath(cause: Error) throws -> UpgradeReport {
+        try? log(.committing, note: "old instance died after the pause: rolling forward")
+        let staging = VMMClient(socketPath: options.vmSocket + ".incoming-\(report.newPid)", timeoutSeconds: 20)
+        do {
+            try staging.expectOK("PUT", "/api/v1/baton/adopt")
+            let after = try waitForNewInstance()
+            report.downtimeMs = 0  // not a clean handoff: no downtime figure
+            report.verified = false
+            report.error = "the old instance died after the pause (\(cause)); the new instance adopted the guest from its memfds"
+            report.ramDigestBeforeResume = after.ramDigestBeforeResume
+            try? log(.committed, note: "rolled forward by adoption")
+            try? log(.done)
+            return report
+        } catch {
+            if let childPid { kill(childPid, SIGKILL); var st: Int32 = 0; waitpid(childPid, &st, 0) }
+            try? log(.rolledBack, note: "LOST: \(error)")
+            report.error = "LOST: the old instance died after the pause and its guest RAM was not held elsewhere (\(cause)); adoption: \(error)"
+            throw UpgradeFailure(description: report.error!, report: report)
         }
     }
 

@@ -112,6 +112,9 @@ public enum Message: Equatable, Sendable {
     public var descriptorCount: Int {
         switch self {
         case .regionsReady(let n): Int(n)
+        // Regions handed over as descriptors travel with the table, before the pause, so the
+        // new instance already holds guest RAM if the old one dies (roll forward).
+        case .regionTable(let table): table.regions.filter { $0.flags.contains(.arrivesAsDescriptor) }.count
         case .transferBegin(let b): b.descriptorCount
         default: 0
         }

@@ -29,7 +29,8 @@ public struct CaseResult: Codable, Sendable {
     /// The fault demonstrably fired: its evidence text appears in the outcome.
     public var faultFired: Bool
     public var passed: Bool {
-        outcome != .lost && verified && instancesRunning == 1 && !splitBrain && outcome == expectedOutcome && faultFired
+        if outcome == .lost { return expectedLoss && instancesRunning == 0 && faultFired }
+        return verified && instancesRunning == 1 && !splitBrain && outcome == expectedOutcome && faultFired
     }
 }
 
@@ -94,7 +95,8 @@ public struct HarnessCase {
             result.seconds = Date().timeIntervalSince(started)
         }
         do {
-            let old = try Spawn.detached(batonvmm, ["--ram", "\(ramBytes)", "--control", socket], logPath: dir + "/old.log", environment: fault.oldEnvironment)
+            let memory = fault.oldMemory[transport] ?? "shared"
+            let old = try Spawn.detached(batonvmm, ["--ram", "\(ramBytes)", "--control", socket, "--memory", memory], logPath: dir + "/old.log", environment: fault.oldEnvironment)
             pids.append(old)
             // Booting fills guest RAM with a pattern: seconds per GiB on this host.
             let bootBudget = 10 + 5 * Double(ramBytes) / Double(1 << 30)
@@ -115,9 +117,9 @@ public struct HarnessCase {
             do {
                 let report = try UpgradeController(options: options).run()
                 pids.append(report.newPid)
-                result.downtimeMs = report.downtimeMs
-                detail = report.line
-                if report.ramDigestAtPause != report.ramDigestBeforeResume {
+                result.downtimeMs = report.error == nil ? report.downtimeMs : nil
+                detail = report.error.map { "rolled forward: \($0)" } ?? report.line
+                if let atPause = report.ramDigestAtPause, atPause != report.ramDigestBeforeResume {
                     result.detail = "RAM digest at pause \(report.ramDigestAtPause ?? "-") != before resume \(report.ramDigestBeforeResume ?? "-")"
                     return evaluate(&result, client: client, before: before, pids: pids, digestsAgree: false)
                 }
@@ -150,7 +152,9 @@ public struct HarnessCase {
         result.splitBrain = living.count > 1  // two live instances of one guest, whatever their states
         guard let serving, serving.state == "Running", living.contains(serving.pid) else {
             result.outcome = .lost
+            result.expectedLoss = fault.lossExpectedFor.contains(transport)
             result.detail += " | no running instance serves the VM"
+            if result.expectedLoss { result.detail += " (expected: the old instance died holding anonymous guest RAM not yet handed over)" }
             return result
         }
         result.outcome = serving.pid == pids.first ? .rolledBack : .committed

@@ -21,6 +21,10 @@ public struct HarnessFault: Sendable, Hashable, CustomStringConvertible {
     public var expected: CaseOutcome = .rolledBack
     /// Text the case's outcome must mention, proving the fault really fired (not some other failure).
     public var evidence: String?
+    /// Transports for which losing the guest is physics, not a defect (reported as expectedLoss).
+    public var lossExpectedFor: Set<String> = []
+    /// Guest RAM backing of the old instance per transport ("shared" memfd by default, or "private").
+    public var oldMemory: [String: String] = [:]
 
     public var description: String { name }
 
@@ -34,8 +38,18 @@ public struct HarnessFault: Sendable, Hashable, CustomStringConvertible {
                             evidence: action == .crash ? "controller crashed (injected) after \(phase.rawValue)" : nil)
     }
 
-    /// Every fault the harness knows. Death of the old instance is not in the matrix yet:
-    /// roll-forward from a dead old instance is not implemented (Docs/FAULTS.md).
+    /// The old instance dies after the pause. With memfd the new instance adopts the guest
+    /// (roll forward); gift and copy run on anonymous RAM here, whose pages not yet handed
+    /// over die with their process: an expected, reported loss (Docs/FAULTS.md).
+    /// After `transferred` everything was received and verified by the new instance, so every
+    /// transport rolls forward.
+    static func oldDeath(_ phase: UpgradeJournal.Phase) -> HarnessFault {
+        HarnessFault(name: "kill-old-after:\(phase.rawValue)", controller: ControllerFault(action: .killOld, phase: phase),
+                     expected: .committed, evidence: nil, lossExpectedFor: phase == .transferred ? [] : ["gift", "copy"],
+                     oldMemory: ["gift": "private", "copy": "private"])
+    }
+
+    /// Every fault the harness knows.
     public static let all: [HarnessFault] = [
         HarnessFault(name: "none", expected: .committed, evidence: "verified yes"),
         HarnessFault(name: "new-binary-missing", binary: "missing", evidence: "is missing"),
@@ -59,6 +73,8 @@ public struct HarnessFault: Sendable, Hashable, CustomStringConvertible {
         HarnessFault(name: "oversize-message:verify", oldEnvironment: ["BATON_FAULT": "oversize-message:verify"], evidence: "payload bytes (limit"),
         HarnessFault(name: "stalled-peer:verify", oldEnvironment: ["BATON_FAULT": "stall-message:verify"], evidence: "stall"),
         HarnessFault(name: "stalled-receiver:verifyResult", newEnvironment: ["BATON_FAULT": "stall-message:verifyResult"], evidence: "stall"),
+        oldDeath(.paused),
+        oldDeath(.transferred),
     ]
 
     public func applies(to transport: String) -> Bool { transports?.contains(transport) ?? true }

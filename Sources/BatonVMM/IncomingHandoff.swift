@@ -33,9 +33,36 @@ public struct IncomingHandoff {
         return m
     }
 
-    /// Returns the restored, running VM. Throws if the handoff was abandoned or failed; the
-    /// old instance still holds the guest then.
-    public func run() throws -> VirtualMachine {
+    /// What a new instance holds when its old instance dies mid-handoff: guest RAM and the
+    /// state region, both memfds shared with the dead process (so nothing was lost with it).
+    public struct Orphan: @unchecked Sendable {
+        public let regions: [DestinationRegion]
+        public let prebuilt: PrebuiltKVM?
+        public let oldPID: Int32?
+        public let digestBeforeResume: Bool
+
+        /// Restores the state the old instance saved at its pause and runs the guest.
+        public func adopt() throws -> VirtualMachine {
+            guard let state = regions.first(where: { $0.region.id == VMMService.stateRegionID }),
+                  let ram = regions.first(where: { $0.region.id == 0 }) else { throw VMError.noVM }
+            let vm = try VirtualMachine.restore(try StateRegion.read(from: state.base, capacity: Int(state.region.length)),
+                                                ram: ram.mapping, prebuilt: prebuilt)
+            if digestBeforeResume { vm.ramDigestBeforeResume = String(RAMDigest.of(vm.ram.base, count: vm.config.ramBytes), radix: 16) }
+            try vm.startRestored()
+            return vm
+        }
+    }
+
+    public enum Outcome {
+        case running(VirtualMachine)
+        /// The old instance died; the guest can be adopted (`PUT /api/v1/baton/adopt`).
+        case orphaned(Orphan, reason: String)
+    }
+
+    /// Returns the restored, running VM, or an orphan if the old instance died holding the
+    /// guest. Throws if the handoff was abandoned or failed; the old instance still holds the
+    /// guest then.
+    public func run() throws -> Outcome {
         let prebuilt = KVMHost.unavailableReason == nil ? expectedVCPUs.flatMap { try? PrebuiltKVM(vcpus: $0) } : nil
         let listener = try UnixListener(path: agentSocket)
         defer { listener.remove() }
@@ -48,15 +75,22 @@ public struct IncomingHandoff {
                   let ram = regions.first(where: { $0.region.id == 0 }) else {
                 throw VMError.noVM
             }
-            let length = Int(UInt32(littleEndian: stateRegion.base.load(as: UInt32.self)))
-            guard length > 0, length + 4 <= Int(stateRegion.region.length) else { throw VMState.DecodeError.truncated("state length \(length)") }
-            let blob = Array(UnsafeRawBufferPointer(start: stateRegion.base + 4, count: length))
-            restored = try VirtualMachine.restore(try VMState.decode(blob), ram: ram.mapping, prebuilt: prebuilt)
+            restored = try VirtualMachine.restore(try StateRegion.read(from: stateRegion.base, capacity: Int(stateRegion.region.length)),
+                                                  ram: ram.mapping, prebuilt: prebuilt)
         }
-        _ = try agent.receive()
+        do {
+            _ = try agent.receive()
+        } catch {
+            let held = Array(agent.destinations.values)
+            let oldDead = agent.peerPID.map { kill($0, 0) != 0 || (Host.readSmallFile("/proc/\($0)/stat") ?? "").contains(") Z ") } ?? false
+            if oldDead, held.contains(where: { $0.region.id == 0 }), held.contains(where: { $0.region.id == VMMService.stateRegionID }) {
+                return .orphaned(Orphan(regions: held, prebuilt: prebuilt, oldPID: agent.peerPID, digestBeforeResume: digestBeforeResume), reason: "\(error)")
+            }
+            throw error
+        }
         guard let vm = restored else { throw VMError.noVM }
         if digestBeforeResume { vm.ramDigestBeforeResume = String(RAMDigest.of(vm.ram.base, count: vm.config.ramBytes), radix: 16) }
         try vm.startRestored()
-        return vm
+        return .running(vm)
     }
 }

@@ -165,3 +165,52 @@ func value<T>(_ type: T.Type, from bytes: [UInt8], initial: T) -> T {
     withUnsafeMutableBytes(of: &v) { $0.copyBytes(from: bytes.prefix(MemoryLayout<T>.size)) }
     return v
 }
+
+/// The memfd region that carries a paused VM's state between instances. Written by the old
+/// instance right when it pauses (so the state has left the process before any transfer),
+/// read by the new one at commit — or at adoption, if the old instance died.
+/// Layout: length u32 · magic u32 "BTSR" · XXH64 of the blob u64 · blob. The length is
+/// written last: a half-written region reads as empty, never as a wrong state.
+public enum StateRegion {
+    public static let magic: UInt32 = 0x5253_5442
+    public static let headerBytes = 16
+
+    public enum ReadError: Error, CustomStringConvertible {
+        case empty
+        case corrupt(String)
+        public var description: String {
+            switch self {
+            case .empty: "the state region holds no complete state (the old instance died before saving it)"
+            case .corrupt(let why): "the state region is corrupt: \(why)"
+            }
+        }
+    }
+
+    public static func write(_ blob: [UInt8], into base: UnsafeMutableRawPointer, capacity: Int) throws {
+        guard blob.count + headerBytes <= capacity else { throw ReadError.corrupt("state of \(blob.count) bytes exceeds the region") }
+        base.storeBytes(of: UInt32(0), as: UInt32.self)
+        _ = blob.withUnsafeBytes { memcpy(base + headerBytes, $0.baseAddress!, blob.count) }
+        base.storeBytes(of: magic.littleEndian, toByteOffset: 4, as: UInt32.self)
+        base.storeBytes(of: XXH64.hash(blob).littleEndian, toByteOffset: 8, as: UInt64.self)
+        atomicFence()
+        base.storeBytes(of: UInt32(blob.count).littleEndian, as: UInt32.self)
+    }
+
+    public static func read(from base: UnsafeRawPointer, capacity: Int) throws -> VMState {
+        let length = Int(UInt32(littleEndian: base.load(as: UInt32.self)))
+        guard length > 0 else { throw ReadError.empty }
+        guard length + headerBytes <= capacity else { throw ReadError.corrupt("length \(length)") }
+        guard UInt32(littleEndian: base.load(fromByteOffset: 4, as: UInt32.self)) == magic else { throw ReadError.corrupt("bad magic") }
+        let blob = Array(UnsafeRawBufferPointer(start: base + headerBytes, count: length))
+        guard XXH64.hash(blob) == UInt64(littleEndian: base.load(fromByteOffset: 8, as: UInt64.self)) else {
+            throw ReadError.corrupt("checksum mismatch")
+        }
+        do { return try VMState.decode(blob) } catch { throw ReadError.corrupt("\(error)") }
+    }
+
+    static func atomicFence() {
+        // A compiler barrier is enough here: readers are other processes reading after our
+        // death or after a socket round trip, both of which order memory.
+        withExtendedLifetime(0) {}
+    }
+}

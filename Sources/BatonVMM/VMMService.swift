@@ -15,8 +15,14 @@ public final class VMMService: @unchecked Sendable {
     var prepared: PreparedHandoff?
     var pending: PendingHandoff?
     var stateRegion: MemoryMapping?
+    var stateSaved = false
+    var stateSaveMs = 0.0
     /// Set on a new instance until its handoff commits.
     public var incoming = false
+    /// A new instance whose old instance died mid-handoff, holding guest RAM and state memfds.
+    public var orphan: IncomingHandoff.Orphan?
+    /// Makes the VM's socket path reach this instance (a new instance renames its staging socket).
+    public var takeOverSocketPath: @Sendable () -> Void = {}
     public var onExit: @Sendable (Int32) -> Void = { code in exit(code) }
 
     public init() {}
@@ -78,9 +84,11 @@ public final class VMMService: @unchecked Sendable {
                 return HTTPResponse(status: 204)
             case ("PUT", "/api/v1/vm.pause"):
                 try requireVM().pause()
+                try saveStateForHandoff()
                 return HTTPResponse(status: 204)
             case ("PUT", "/api/v1/vm.resume"):
                 try requireVM().resume()
+                stateSaved = false  // the guest runs again: a later pause saves afresh
                 return HTTPResponse(status: 204)
             case ("PUT", "/api/v1/vm.shutdown"):
                 try requireVM().shutdown()
@@ -104,6 +112,8 @@ public final class VMMService: @unchecked Sendable {
                 return try transferHandoff(digest: request.path.contains("digest=1"))
             case ("PUT", "/api/v1/baton/handoff.commit"):
                 return try commitHandoff()
+            case ("PUT", "/api/v1/baton/adopt"):
+                return try adopt()
             case ("PUT", "/api/v1/baton/handoff.abandon"):
                 lock.lock(); defer { lock.unlock() }
                 prepared?.abandon(reason: "controller abandoned the handoff")
@@ -152,6 +162,7 @@ public final class VMMService: @unchecked Sendable {
         let stateBytes = Host.pageSize * ((64 << 10) / Host.pageSize + vm.config.vcpus * 8)
         let state = try MemoryMapping.memfd(name: "batonvmm-vcpu-state", length: stateBytes)
         stateRegion = state
+        stateSaved = false
         let sources = [
             SourceRegion(id: 0, guestAddress: 0, mapping: vm.ram),
             SourceRegion(id: Self.stateRegionID, guestAddress: Self.stateRegionAddress, mapping: state),
@@ -161,22 +172,51 @@ public final class VMMService: @unchecked Sendable {
         return .json(["transports": prepared!.transports.mapKeys { "\($0)" }])
     }
 
+    /// While a handoff is prepared, the vCPU state leaves this process at the pause itself:
+    /// written into the state memfd the new instance already holds, so the guest survives
+    /// this process dying from here on (the new instance can adopt it).
+    func saveStateForHandoff() throws {
+        lock.lock(); defer { lock.unlock() }
+        guard prepared != nil, let stateRegion, let vm else { return }
+        let t0 = Host.monotonicNanoseconds()
+        try StateRegion.write(try vm.saveState().encoded(), into: stateRegion.base, capacity: stateRegion.length)
+        stateSaveMs = Double(Host.monotonicNanoseconds() - t0) / 1e6
+        stateSaved = true
+    }
+
     func transferHandoff(digest: Bool) throws -> HTTPResponse {
         lock.lock(); defer { lock.unlock() }
         guard let prepared, let stateRegion else { return .error(409, "no prepared handoff (call handoff.prepare first)") }
         let vm = try requireVM()
-        let t0 = Host.monotonicNanoseconds()
-        let blob = try vm.saveState().encoded()
-        guard blob.count + 4 <= stateRegion.length else { return .error(500, "vCPU state (\(blob.count) bytes) exceeds its region") }
-        stateRegion.base.storeBytes(of: UInt32(blob.count).littleEndian, as: UInt32.self)
-        _ = blob.withUnsafeBytes { memcpy(stateRegion.base + 4, $0.baseAddress!, blob.count) }
-        let t1 = Host.monotonicNanoseconds()
+        guard vm.state == .paused else { throw VMError.invalidState(action: "transfer", state: vm.state) }
+        if !stateSaved {
+            let t0 = Host.monotonicNanoseconds()
+            try StateRegion.write(try vm.saveState().encoded(), into: stateRegion.base, capacity: stateRegion.length)
+            stateSaveMs = Double(Host.monotonicNanoseconds() - t0) / 1e6
+        }
+        let stateBytes = Int(UInt32(littleEndian: stateRegion.base.load(as: UInt32.self)))
         let ramDigest = digest ? String(RAMDigest.of(vm.ram.base, count: vm.config.ramBytes), radix: 16) : nil
         self.prepared = nil
         let pending = try prepared.transfer()
         self.pending = pending
-        return .json(TransferOutcome(report: pending.report, stateMs: Double(t1 - t0) / 1e6, stateBytes: blob.count,
+        return .json(TransferOutcome(report: pending.report, stateMs: stateSaveMs, stateBytes: stateBytes,
                                      transferMs: pending.report.transferAndVerifySeconds * 1000, ramDigestAtPause: ramDigest))
+    }
+
+    /// Roll forward after the old instance died: run the guest from the RAM and state memfds
+    /// this instance already holds. Refused while the old instance lives (never two).
+    func adopt() throws -> HTTPResponse {
+        lock.lock(); defer { lock.unlock() }
+        guard let orphan else { return .error(409, "nothing to adopt: this instance holds no orphaned guest") }
+        if let pid = orphan.oldPID, kill(pid, 0) == 0, !(Host.readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ") {
+            return .error(409, "the old instance (pid \(pid)) is still alive: refusing to run the guest twice")
+        }
+        let vm = try orphan.adopt()
+        self.vm = vm
+        self.orphan = nil
+        incoming = false
+        takeOverSocketPath()
+        return HTTPResponse(status: 204)
     }
 
     func commitHandoff() throws -> HTTPResponse {

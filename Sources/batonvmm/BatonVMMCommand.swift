@@ -79,10 +79,28 @@ struct BatonVMMCommand: ParsableCommand {
                 var handoff = IncomingHandoff(agentSocket: incoming)
                 handoff.digestBeforeResume = digestBeforeResume
                 handoff.expectedVCPUs = expectVcpus
-                let vm = try handoff.run()
-                service.adopt(vm)
-                if let listener, let apiPath { _ = rename(listener.path, apiPath) }
-                FileHandle.standardError.write(Data("batonvmm \(getpid()): took over the guest (\(vm.backendName))\n".utf8))
+                let staging = listener?.path
+                service.takeOverSocketPath = { if let staging, let apiPath { _ = rename(staging, apiPath) } }
+                switch try handoff.run() {
+                case .running(let vm):
+                    service.adopt(vm)
+                    service.takeOverSocketPath()
+                    FileHandle.standardError.write(Data("batonvmm \(getpid()): took over the guest (\(vm.backendName))\n".utf8))
+                case let .orphaned(orphan, reason):
+                    // Wait for the controller to confirm the old instance's death and say adopt.
+                    service.orphan = orphan
+                    FileHandle.standardError.write(Data("batonvmm \(getpid()): the old instance died (\(reason)); holding the guest for adoption\n".utf8))
+                    var waited = 0
+                    while service.orphan != nil && service.vm == nil && waited < 600 {
+                        usleep(100_000)
+                        waited += 1
+                    }
+                    guard service.vm != nil else {
+                        FileHandle.standardError.write(Data("batonvmm \(getpid()): nobody adopted the guest within 60 s\n".utf8))
+                        throw ExitCode(3)
+                    }
+                    FileHandle.standardError.write(Data("batonvmm \(getpid()): adopted the guest\n".utf8))
+                }
             } catch {
                 FileHandle.standardError.write(Data("batonvmm \(getpid()): handoff failed: \(error)\n".utf8))
                 listener?.remove()

@@ -21,7 +21,7 @@ let goldenMessages: [(String, Message, String)] = [
     ("welcome", .welcome(version: 1, capabilities: [.gift, .memfd]),
      "4241544e 0100 0200 00 00 0000 0c000000  0100 0000 0300000000000000"),
     ("regionTable", .regionTable(sampleTable),
-     "4241544e 0100 0300 00 00 0000 38000000  00100000 02000000"
+     "4241544e 0100 0300 01 00 0000 38000000  00100000 02000000"
         + " 00000000 00000000 0000000000000000 0000010000000000"
         + " 07000000 03000000 0000100000000000 0020000000000000"),
     ("regionsReady", .regionsReady(rollbackDescriptors: 0),
