@@ -144,9 +144,14 @@ public struct HarnessCase {
 
     /// Exactly one instance must run the guest, serve its socket, and continue it exactly.
     func evaluate(_ result: inout CaseResult, client: VMMClient, before: GuestBeat, pids: [Int32], digestsAgree: Bool) -> CaseResult {
-        usleep(100_000)  // let an exiting old instance finish exiting
         result.faultFired = fault.evidence.map { result.detail.contains($0) } ?? true
-        let living = Set(pids.filter { Self.alive($0) })
+        // An old instance that handed over stops its vCPUs at once but may take a moment to
+        // unmap gigabytes and exit: allow it a bounded grace before counting instances.
+        var living = Set(pids.filter { Self.alive($0) })
+        for _ in 0..<100 where living.count > 1 {
+            usleep(50_000)
+            living = Set(pids.filter { Self.alive($0) })
+        }
         let serving = status(client)
         result.instancesRunning = living.count
         result.splitBrain = living.count > 1  // two live instances of one guest, whatever their states

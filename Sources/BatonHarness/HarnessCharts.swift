@@ -33,7 +33,7 @@ public enum HarnessCharts {
         let faults = cases.map(\.fault).reduce(into: [String]()) { if !$0.contains($1) { $0.append($1) } }
         let transports = cases.map(\.transport).reduce(into: [String]()) { if !$0.contains($1) { $0.append($1) } }
         let cellW = 120, cellH = 22, left = 300, top = 50
-        let width = left + cellW * transports.count + 20, height = top + cellH * faults.count + 60
+        let width = max(640, left + cellW * transports.count + 20), height = top + cellH * faults.count + 80
         var svg = "<svg xmlns='http://www.w3.org/2000/svg' width='\(width)' height='\(height)' font-family='sans-serif' font-size='12'>\n"
         svg += "<text x='10' y='22' font-size='16' font-weight='bold'>Fault matrix: every fault × transport</text>\n"
         for (j, t) in transports.enumerated() {
@@ -48,8 +48,8 @@ public enum HarnessCharts {
                     svg += "<rect x='\(x + 2)' y='\(y + 2)' width='\(cellW - 4)' height='\(cellH - 4)' fill='#dddddd'/><text x='\(x + cellW / 2)' y='\(y + 15)' text-anchor='middle' fill='#777'>n/a</text>\n"
                     continue
                 }
-                let color = !c.passed ? "#d9534f" : (c.outcome == .committed ? "#5cb85c" : "#5b9bd5")
-                let label = c.passed ? c.outcome.rawValue : "FAIL"
+                let color = !c.passed ? "#d9534f" : (c.outcome == .committed ? "#5cb85c" : c.outcome == .lost ? "#f0ad4e" : "#5b9bd5")
+                let label = !c.passed ? "FAIL" : c.outcome == .lost ? "lost (expected)" : c.outcome.rawValue
                 svg += "<rect x='\(x + 2)' y='\(y + 2)' width='\(cellW - 4)' height='\(cellH - 4)' fill='\(color)'><title>\(escape(c.detail))</title></rect>"
                 svg += "<text x='\(x + cellW / 2)' y='\(y + 15)' text-anchor='middle' fill='white'>\(label)</text>\n"
             }
@@ -57,6 +57,7 @@ public enum HarnessCharts {
         let ly = top + faults.count * cellH + 25
         svg += "<rect x='10' y='\(ly - 11)' width='12' height='12' fill='#5cb85c'/><text x='28' y='\(ly)'>committed (new instance runs the guest)</text>"
         svg += "<rect x='280' y='\(ly - 11)' width='12' height='12' fill='#5b9bd5'/><text x='298' y='\(ly)'>rolled back (old instance kept it)</text>"
+        svg += "<rect x='10' y='\(ly + 9)' width='12' height='12' fill='#f0ad4e'/><text x='28' y='\(ly + 20)'>lost, expected (anonymous RAM not yet handed over when the old instance died)</text>"
         svg += "<rect x='520' y='\(ly - 11)' width='12' height='12' fill='#d9534f'/><text x='538' y='\(ly)'>failed</text>\n</svg>\n"
         return svg
     }
