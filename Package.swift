@@ -34,6 +34,10 @@ let package = Package(
         // The reference hypervisor: KVM or simulated vCPUs, the reference guest and its model,
         // vCPU state format, the Cloud Hypervisor-dialect API; embeds the agents.
         .target(name: "BatonVMM", dependencies: ["CBatonKVM", "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport"]),
+        // libvirt's C API (Debian's libvirt-dev).
+        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
+        // Baton's libvirt adapter: connections, domains, metadata, events, HypervisorControl.
+        .target(name: "BatonLibvirt", dependencies: ["CLibvirt", "BatonController"]),
         // The upgrade sequence, journal, HypervisorControl and its implementations.
         .target(name: "BatonController", dependencies: ["BatonSystem", "BatonCore"]),
         // The handoff harness: fault matrix, load, reports.
@@ -42,7 +46,7 @@ let package = Package(
         .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.
         .target(name: "BatonCLI", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -56,6 +60,7 @@ let package = Package(
             "BatonVMM", "BatonController", "BatonHarness", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
         ]),
         .testTarget(name: "BatonFuzzTests", dependencies: ["BatonCore", "BatonVMM"]),
+        .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonController", "BatonTestSupport", "baton"]),
         .testTarget(name: "BatonSystemTests", dependencies: ["BatonSystem", "CBatonLinux"]),
         .testTarget(name: "BatonTransferTests", dependencies: [
             "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonCLI", "baton",

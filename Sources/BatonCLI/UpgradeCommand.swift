@@ -1,5 +1,6 @@
 import ArgumentParser
 import BatonController
+import BatonLibvirt
 import Foundation
 import Glibc
 
@@ -9,7 +10,13 @@ struct UpgradeCommand: ParsableCommand {
         abstract: "Upgrade a running batonvmm in place to a new binary, rolling back on any failure before commit.")
 
     @Option(help: "The VM's control socket (batonvmm --control / --api-socket path=).")
-    var vm: String
+    var vm: String?
+
+    @Option(help: "A libvirt domain (name or UUID) instead of --vm; it must carry Baton's <baton:handoff agent=...> metadata.")
+    var domain: String?
+
+    @Option(help: "libvirt connection URI for --domain.")
+    var connect: String = "qemu:///system"
 
     @Option(help: "The new batonvmm binary.")
     var binary: String
@@ -32,13 +39,47 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(help: "Print the report as one JSON object.")
     var json = false
 
+    @Option(help: "Submit to `baton serve` at this socket instead of running here (one upgrade per VM at a time).")
+    var service: String?
+
     func validate() throws {
+        guard (vm == nil) != (domain == nil) else { throw ValidationError("give exactly one of --vm SOCKET or --domain NAME") }
         guard ["gift", "memfd", "copy", "auto"].contains(transport) else {
             throw ValidationError("--transport: '\(transport)' is not gift, memfd, copy or auto")
         }
     }
 
     func run() throws {
+        var domainHandle: LibvirtDomain?
+        var record = BatonMetadata()
+        var vm = self.vm ?? ""
+        if let domain {
+            // Preflight through libvirt, before anything is paused: Baton moves RAM only out of
+            // a hypervisor that embeds its agents, and says so for any other domain.
+            let d: LibvirtDomain
+            do { d = try LibvirtConnection(uri: connect).domain(domain) } catch { throw fail("\(error)", .failure) }
+            guard let element = try d.metadata(), let meta = BatonMetadata(element: element), let agent = meta.agent, !agent.isEmpty else {
+                throw fail("domain \(d.name) does not embed Baton's agent: no <baton:handoff agent=...> in its metadata (a stock QEMU domain cannot hand its RAM over); nothing was paused", .peerRefused)
+            }
+            guard try d.state().state == .running else { throw fail("domain \(d.name) is \(try d.state().state.rawValue), not running; nothing was paused", .failure) }
+            vm = agent
+            record = meta
+            domainHandle = d
+        }
+        defer {
+            if let d = domainHandle { try? d.setMetadata(record.element) }
+        }
+        if let service {
+            let reply = try ServiceClient.request(service, ["op": "upgrade", "vm": vm, "binary": binary, "transport": transport, "release_source": releaseSource])
+            if json, let report = reply["report"] {
+                print(String(decoding: try JSONSerialization.data(withJSONObject: report, options: [.sortedKeys]), as: UTF8.self))
+            } else if let line = reply["line"] as? String {
+                print(line)
+            }
+            if let refused = reply["refused"] as? String { throw fail("refused: \(refused)", .failure) }
+            if reply["ok"] as? Bool != true { throw fail(reply["error"] as? String ?? "upgrade failed", .handoffRolledBack) }
+            return
+        }
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
         options.transport = transport
         options.releaseSource = releaseSource
@@ -47,8 +88,14 @@ struct UpgradeCommand: ParsableCommand {
         options.runDirectory = runDirectory
         do {
             let report = try UpgradeController(options: options).run()
+            record.generation += 1
+            record.state = "committed"
+            record.oldPid = report.oldPid
+            record.newPid = report.newPid
+            record.transport = report.transport
             if json { printJSON(report) } else { print(report.line) }
         } catch let failure as UpgradeFailure {
+            record.state = failure.report.rolledBack ? "rolledBack" : "failed"
             if json { printJSON(failure.report) }
             throw fail(failure.description, failure.report.rolledBack ? .handoffRolledBack : .failure)
         }

@@ -25,7 +25,7 @@ public final class BatonProcess: @unchecked Sendable {
     }
 
     /// Starts `baton ARGS` (optionally through a wrapper such as `setpriv ...`).
-    public init(_ arguments: [String], environment: [String: String] = [:], wrapper: [String] = []) throws {
+    public init(_ arguments: [String], environment: [String: String] = [:], wrapper: [String] = [], stdin: Data? = nil) throws {
         let argv = wrapper + [BatonProcess.executablePath] + arguments
         process.executableURL = URL(fileURLWithPath: argv[0].hasPrefix("/") ? argv[0] : "/usr/bin/env")
         process.arguments = argv[0].hasPrefix("/") ? Array(argv.dropFirst()) : argv
@@ -34,7 +34,11 @@ public final class BatonProcess: @unchecked Sendable {
         process.environment = env
         process.standardOutput = stdout
         process.standardError = stderr
+        let input = Foundation.Pipe()
+        process.standardInput = input
         try process.run()
+        if let stdin { input.fileHandleForWriting.write(stdin) }
+        try? input.fileHandleForWriting.close()
     }
 
     public var pid: Int32 { process.processIdentifier }

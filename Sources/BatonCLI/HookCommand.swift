@@ -1,0 +1,72 @@
+import ArgumentParser
+import BatonController
+import BatonSystem
+import Foundation
+import Glibc
+
+/// `baton hook qemu <domain> <op> <sub-op> <extra>` — what /etc/libvirt/hooks/qemu runs.
+/// It never calls libvirt and never blocks a domain start because Baton is down: it
+/// validates, then (for opted-in domains) forwards to `baton serve` within a fixed budget, or
+/// queues the request in the state directory for the service to pick up.
+struct HookCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hook",
+        abstract: "libvirt hook entry point (domain XML on stdin). Exit codes: 0 ok, 2 usage, 3 bad XML, 4 name mismatch.")
+
+    @Argument(parsing: .allUnrecognized, help: "qemu <domain> <operation> <sub-operation> <extra>")
+    var arguments: [String] = []
+
+    static let budgetSeconds = Double(ProcessInfo.processInfo.environment["BATON_HOOK_BUDGET"] ?? "") ?? 1.0
+
+    func run() throws {
+        let started = Host.monotonicNanoseconds()
+        let stateDirectory = ProcessInfo.processInfo.environment["BATON_STATE_DIR"] ?? "/var/lib/baton"
+        let serveSocket = ProcessInfo.processInfo.environment["BATON_SOCKET"] ?? "/run/baton/serve.sock"
+        // Read stdin with the budget: libvirt always sends the XML and closes.
+        let xml = FileHandle.standardInput.readDataToEndOfFile()
+        let request: HookRequest
+        do {
+            request = try HookRequest.parse(arguments: arguments, xml: xml)
+        } catch {
+            FileHandle.standardError.write(Data("baton: \(error.description)\n".utf8))
+            throw ExitCode(error.exitCode)
+        }
+        var outcome = "ignored (domain did not opt in)"
+        if !request.isKnownOperation {
+            // A newer libvirt: never block what we do not understand.
+            FileHandle.standardError.write(Data("baton: hook: ignoring operation '\(request.operation)' unknown to this Baton\n".utf8))
+            outcome = "ignored (unknown operation)"
+        } else if request.wantsService {
+            outcome = forward(request, to: serveSocket, stateDirectory: stateDirectory)
+        } else if request.optedIn {
+            outcome = "validated (no action for \(request.operation))"
+        }
+        let ms = Double(Host.monotonicNanoseconds() - started) / 1e6
+        let line = String(format: "%@ hook qemu %@ %@ %@ %@ xml=%d bytes → %@ in %.2f ms\n",
+                          ISO8601DateFormatter().string(from: Date()), request.domain, request.operation, request.subOperation,
+                          request.extra, xml.count, outcome, ms)
+        appendLine(line, to: stateDirectory + "/hook.log")
+    }
+
+    /// Sends the event to `baton serve` (bounded by the budget); if it is down, queues it.
+    func forward(_ request: HookRequest, to socket: String, stateDirectory: String) -> String {
+        let event: [String: Any] = ["op": "hook", "domain": request.domain, "uuid": request.uuid ?? "", "operation": request.operation,
+                                    "subOperation": request.subOperation, "agent": request.batonAgent ?? ""]
+        let line = ((try? JSONSerialization.data(withJSONObject: event)).map { String(decoding: $0, as: UTF8.self) } ?? "{}") + "\n"
+        if let s = try? UnixSocket.connect(path: socket) {
+            try? s.setTimeout(seconds: Self.budgetSeconds / 2)
+            if (try? s.send(Array(line.utf8))) != nil { return "forwarded to baton serve" }
+        }
+        appendLine(line, to: stateDirectory + "/hook-queue.jsonl")
+        return "queued (baton serve unreachable)"
+    }
+
+    func appendLine(_ line: String, to path: String) {
+        try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
+                                                 attributes: [.posixPermissions: 0o700])
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        _ = line.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
+    }
+}

@@ -1,0 +1,130 @@
+import ArgumentParser
+import BatonController
+import BatonSystem
+import Foundation
+import Glibc
+
+/// `baton serve`: the long-running Baton service. Newline-delimited JSON on a Unix socket in a
+/// 0700 directory; graceful shutdown on SIGTERM/SIGINT (stops accepting, lets running upgrades
+/// finish, removes its socket).
+struct ServeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the Baton service (upgrade requests, hook events, status, metrics).")
+
+    @Option(help: "Service socket (its directory is made 0700).")
+    var socket: String = "/run/baton/serve.sock"
+
+    @Option(help: "State directory: journals, hook log and queue, run files.")
+    var state: String = "/var/lib/baton"
+
+    @Option(help: "Seconds to wait for running upgrades on shutdown.")
+    var drainSeconds: Double = 120
+
+    func run() throws {
+        signal(SIGPIPE, SIG_IGN)
+        for dir in [(socket as NSString).deletingLastPathComponent, state] {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            chmod(dir, 0o700)
+        }
+        let service = BatonService(stateDirectory: state)
+        // Hook events queued while the service was down.
+        let queue = state + "/hook-queue.jsonl"
+        if let queued = try? String(contentsOfFile: queue, encoding: .utf8) {
+            for line in queued.split(separator: "\n") { _ = service.handle(String(line)) }
+            try? FileManager.default.removeItem(atPath: queue)
+        }
+        // Block the signals before any thread starts, so sigwait below receives them.
+        var signals = sigset_t()
+        sigemptyset(&signals)
+        sigaddset(&signals, SIGTERM)
+        sigaddset(&signals, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &signals, nil)
+        let listener = try UnixListener(path: socket)
+        let accepting = Thread {
+            while true {
+                guard let client = try? listener.accept() else { return }
+                Thread { ServeCommand.serve(client, service) }.start()
+            }
+        }
+        accepting.start()
+        FileHandle.standardError.write(Data("baton serve \(getpid()): listening on \(socket), state in \(state)\n".utf8))
+        var received: Int32 = 0
+        sigwait(&signals, &received)
+        FileHandle.standardError.write(Data("baton serve: signal \(received), draining\n".utf8))
+        listener.remove()
+        Glibc.shutdown(listener.fd.raw, Int32(SHUT_RDWR))
+        let deadline = Date().addingTimeInterval(drainSeconds)
+        while service.busy && Date() < deadline { usleep(50_000) }
+        FileHandle.standardError.write(Data("baton serve: stopped\(service.busy ? " with upgrades still running" : "")\n".utf8))
+    }
+
+    static func serve(_ client: UnixSocket, _ service: BatonService) {
+        var buffer: [UInt8] = []
+        while true {
+            guard let chunk = try? client.fd.readSome(4096), !chunk.isEmpty else { return }
+            buffer += chunk
+            while let nl = buffer.firstIndex(of: 0x0A) {
+                let line = String(decoding: buffer[..<nl], as: UTF8.self)
+                buffer.removeFirst(nl + 1)
+                if line.isEmpty { continue }
+                try? client.send(Array((service.handle(line) + "\n").utf8))
+            }
+        }
+    }
+}
+
+extension FileDescriptor {
+    func readSome(_ count: Int) throws -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: count)
+        let n = try b.withUnsafeMutableBytes { try read(into: $0.baseAddress!, count: count) }
+        return Array(b.prefix(n))
+    }
+}
+
+/// One request to `baton serve`, one reply line back.
+enum ServiceClient {
+    static func request(_ socket: String, _ object: [String: Any], timeout: Double = 600) throws -> [String: Any] {
+        let s: UnixSocket
+        do { s = try UnixSocket.connect(path: socket) } catch {
+            throw fail("cannot reach baton serve at \(socket): \(error)", .failure)
+        }
+        try s.setTimeout(seconds: timeout)
+        try s.send(Array(try JSONSerialization.data(withJSONObject: object)) + [0x0A])
+        var buffer: [UInt8] = []
+        while !buffer.contains(0x0A) {
+            let chunk = try s.fd.readSome(65536)
+            if chunk.isEmpty { break }
+            buffer += chunk
+        }
+        guard let nl = buffer.firstIndex(of: 0x0A),
+              let reply = try JSONSerialization.jsonObject(with: Data(buffer[..<nl])) as? [String: Any] else {
+            throw fail("baton serve at \(socket) sent no reply", .failure)
+        }
+        return reply
+    }
+}
+
+struct StatusCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Ask `baton serve` for its status (or Prometheus metrics).")
+
+    @Option(help: "Service socket.")
+    var socket: String = "/run/baton/serve.sock"
+
+    @Flag(help: "One JSON object.")
+    var json = false
+
+    @Flag(help: "Prometheus text format instead.")
+    var metrics = false
+
+    func run() throws {
+        if metrics {
+            print(try ServiceClient.request(socket, ["op": "metrics"], timeout: 10)["metrics"] as? String ?? "", terminator: "")
+            return
+        }
+        let reply = try ServiceClient.request(socket, ["op": "status"], timeout: 10)
+        if json {
+            print(String(decoding: try JSONSerialization.data(withJSONObject: reply, options: [.sortedKeys]), as: UTF8.self))
+        } else {
+            print("baton serve pid \(reply["pid"] ?? "?"), up \(reply["uptimeSeconds"] ?? 0) s: \(reply["completed"] ?? 0) completed, \(reply["failed"] ?? 0) failed (\(reply["rolledBack"] ?? 0) rolled back), \(reply["refused"] ?? 0) refused; in flight: \((reply["inFlight"] as? [String])?.joined(separator: ", ") ?? "none")")
+        }
+    }
+}

@@ -1,0 +1,186 @@
+// BatonLibvirt is Baton's adapter over libvirt's C API: connections and domains as owned
+// Swift objects, libvirt errors as typed errors, Baton's handoff record in domain metadata,
+// lifecycle events. It never runs inside a libvirt hook (a hook must not call libvirt).
+import CLibvirt
+import Foundation
+import Synchronization
+
+/// A libvirt failure: the call, libvirt's error code and domain, and its message.
+public struct LibvirtError: Error, CustomStringConvertible, Sendable {
+    public let operation: String
+    public let code: Int32
+    public let domain: Int32
+    public let message: String
+
+    /// Reads libvirt's per-thread last error right after the failing call.
+    static func last(_ operation: String) -> LibvirtError {
+        guard let e = virGetLastError() else {
+            return LibvirtError(operation: operation, code: -1, domain: -1, message: "unknown libvirt error")
+        }
+        let error = LibvirtError(operation: operation, code: e.pointee.code, domain: e.pointee.domain,
+                                 message: e.pointee.message.map { String(cString: $0) } ?? "no message")
+        virResetLastError()
+        return error
+    }
+
+    public var isNoDomain: Bool { code == Int32(VIR_ERR_NO_DOMAIN.rawValue) }
+    public var description: String { "libvirt \(operation) failed (code \(code)): \(message)" }
+}
+
+enum LibvirtRuntime {
+    /// One-time setup: initialise, route errors away from stderr (we report them ourselves),
+    /// and register the default event loop before any connection (events need it first).
+    static let ready: Bool = {
+        _ = virInitialize()
+        virSetErrorFunc(nil, { _, _ in })
+        guard virEventRegisterDefaultImpl() == 0 else { return false }
+        let loop = Thread { while virEventRunDefaultImpl() >= 0 {} }
+        loop.name = "libvirt-events"
+        loop.start()
+        return true
+    }()
+}
+
+/// An open libvirt connection; closed on deinit.
+public final class LibvirtConnection: @unchecked Sendable {
+    let handle: OpaquePointer
+    public let uri: String
+
+    public init(uri: String) throws {
+        _ = LibvirtRuntime.ready
+        guard let c = virConnectOpen(uri) else { throw LibvirtError.last("virConnectOpen(\(uri))") }
+        handle = c
+        self.uri = uri
+    }
+
+    deinit { virConnectClose(handle) }
+
+    public func domain(named name: String) throws -> LibvirtDomain {
+        guard let d = virDomainLookupByName(handle, name) else { throw LibvirtError.last("virDomainLookupByName(\(name))") }
+        return LibvirtDomain(handle: d, connection: self)
+    }
+
+    public func domain(uuid: String) throws -> LibvirtDomain {
+        guard let d = virDomainLookupByUUIDString(handle, uuid) else { throw LibvirtError.last("virDomainLookupByUUIDString(\(uuid))") }
+        return LibvirtDomain(handle: d, connection: self)
+    }
+
+    /// A domain by name, or by UUID if `nameOrUUID` looks like one.
+    public func domain(_ nameOrUUID: String) throws -> LibvirtDomain {
+        if UUID(uuidString: nameOrUUID) != nil, let d = try? domain(uuid: nameOrUUID) { return d }
+        return try domain(named: nameOrUUID)
+    }
+
+    public func defineAndStart(xml: String) throws -> LibvirtDomain {
+        guard let d = virDomainDefineXML(handle, xml) else { throw LibvirtError.last("virDomainDefineXML") }
+        let domain = LibvirtDomain(handle: d, connection: self)
+        guard virDomainCreate(d) == 0 else { throw LibvirtError.last("virDomainCreate") }
+        return domain
+    }
+}
+
+/// One libvirt domain.
+public final class LibvirtDomain: @unchecked Sendable {
+    let handle: OpaquePointer
+    public let connection: LibvirtConnection
+
+    init(handle: OpaquePointer, connection: LibvirtConnection) {
+        self.handle = handle
+        self.connection = connection
+    }
+
+    deinit { virDomainFree(handle) }
+
+    public var name: String { String(cString: virDomainGetName(handle)) }
+
+    public var uuid: String {
+        var buffer = [CChar](repeating: 0, count: Int(VIR_UUID_STRING_BUFLEN))
+        _ = virDomainGetUUIDString(handle, &buffer)
+        return buffer.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+    }
+
+    public enum State: String, Sendable {
+        case running, blocked, paused, shutdown, shutoff, crashed, pmsuspended, nostate
+    }
+
+    public func state() throws -> (state: State, reason: Int32) {
+        var state: Int32 = 0, reason: Int32 = 0
+        guard virDomainGetState(handle, &state, &reason, 0) == 0 else { throw LibvirtError.last("virDomainGetState(\(name))") }
+        let s: State = switch UInt32(state) {
+        case VIR_DOMAIN_RUNNING.rawValue: .running
+        case VIR_DOMAIN_BLOCKED.rawValue: .blocked
+        case VIR_DOMAIN_PAUSED.rawValue: .paused
+        case VIR_DOMAIN_SHUTDOWN.rawValue: .shutdown
+        case VIR_DOMAIN_SHUTOFF.rawValue: .shutoff
+        case VIR_DOMAIN_CRASHED.rawValue: .crashed
+        case VIR_DOMAIN_PMSUSPENDED.rawValue: .pmsuspended
+        default: .nostate
+        }
+        return (s, reason)
+    }
+
+    public func xml() throws -> String {
+        guard let x = virDomainGetXMLDesc(handle, 0) else { throw LibvirtError.last("virDomainGetXMLDesc(\(name))") }
+        defer { free(x) }
+        return String(cString: x)
+    }
+
+    public func suspend() throws { guard virDomainSuspend(handle) == 0 else { throw LibvirtError.last("virDomainSuspend(\(name))") } }
+    public func resume() throws { guard virDomainResume(handle) == 0 else { throw LibvirtError.last("virDomainResume(\(name))") } }
+    public func destroy() throws { guard virDomainDestroy(handle) == 0 else { throw LibvirtError.last("virDomainDestroy(\(name))") } }
+    public func undefine() throws { guard virDomainUndefine(handle) == 0 else { throw LibvirtError.last("virDomainUndefine(\(name))") } }
+
+    /// Writes `element` (one XML element, unprefixed) as Baton's metadata, live (and in the
+    /// persistent config when the domain has one).
+    public func setMetadata(_ element: String, prefix: String = BatonMetadata.prefix, namespace: String = BatonMetadata.namespace) throws {
+        let flags = UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)
+        guard virDomainSetMetadata(handle, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), element, prefix, namespace, flags) == 0 else {
+            throw LibvirtError.last("virDomainSetMetadata(\(name))")
+        }
+    }
+
+    /// Baton's metadata element, or nil if the domain has none.
+    public func metadata(namespace: String = BatonMetadata.namespace) throws -> String? {
+        guard let m = virDomainGetMetadata(handle, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), namespace, UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)) else {
+            let e = LibvirtError.last("virDomainGetMetadata(\(name))")
+            // No element: libvirt says VIR_ERR_NO_DOMAIN_METADATA (some drivers report no error at all).
+            if e.code == Int32(VIR_ERR_NO_DOMAIN_METADATA.rawValue) || e.code == -1 { return nil }
+            throw e
+        }
+        defer { free(m) }
+        return String(cString: m)
+    }
+
+    /// Calls `handler(event, detail)` for each lifecycle event of this domain until the
+    /// returned token is cancelled.
+    public func onLifecycle(_ handler: @escaping @Sendable (Int32, Int32) -> Void) throws -> LifecycleSubscription {
+        let box = LifecycleSubscription.Box(handler: handler)
+        let callback: @convention(c) (OpaquePointer?, OpaquePointer?, Int32, Int32, UnsafeMutableRawPointer?) -> Void = { _, _, event, detail, opaque in
+            Unmanaged<LifecycleSubscription.Box>.fromOpaque(opaque!).takeUnretainedValue().handler(event, detail)
+        }
+        let id = virConnectDomainEventRegisterAny(connection.handle, handle, Int32(VIR_DOMAIN_EVENT_ID_LIFECYCLE.rawValue),
+                                                  unsafeBitCast(callback, to: virConnectDomainEventGenericCallback.self),
+                                                  Unmanaged.passRetained(box).toOpaque(), { opaque in
+                                                      if let opaque { Unmanaged<LifecycleSubscription.Box>.fromOpaque(opaque).release() }
+                                                  })
+        guard id >= 0 else { throw LibvirtError.last("virConnectDomainEventRegisterAny(\(name))") }
+        return LifecycleSubscription(connection: connection, id: id)
+    }
+}
+
+public final class LifecycleSubscription: @unchecked Sendable {
+    final class Box: @unchecked Sendable {
+        let handler: @Sendable (Int32, Int32) -> Void
+        init(handler: @escaping @Sendable (Int32, Int32) -> Void) { self.handler = handler }
+    }
+    let connection: LibvirtConnection
+    let id: Int32
+    init(connection: LibvirtConnection, id: Int32) {
+        self.connection = connection
+        self.id = id
+    }
+    public func cancel() { _ = virConnectDomainEventDeregisterAny(connection.handle, id) }
+
+    public static let suspended = Int32(VIR_DOMAIN_EVENT_SUSPENDED.rawValue)
+    public static let resumed = Int32(VIR_DOMAIN_EVENT_RESUMED.rawValue)
+}

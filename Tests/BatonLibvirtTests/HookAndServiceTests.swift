@@ -1,0 +1,124 @@
+import BatonController
+import BatonLibvirt
+import BatonTestSupport
+import Foundation
+import Glibc
+import Testing
+
+let domainXML = """
+<domain type='kvm'>
+  <name>web1</name>
+  <uuid>c7a5fdbd-cdaf-9455-926a-d65c16db1809</uuid>
+  <memory unit='MiB'>64</memory>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>
+"""
+
+let optedInXML = """
+<domain type='kvm'>
+  <name>web2</name>
+  <metadata><baton:handoff xmlns:baton="https://baton.dev/xmlns/handoff/1" agent="/run/batonvmm/web2.sock"/></metadata>
+  <os><type arch='x86_64'>hvm</type></os>
+</domain>
+"""
+
+@Suite("libvirt hook")
+struct HookTests {
+    func hook(_ args: [String], xml: String, env: [String: String] = [:]) throws -> (status: Int32, stderr: String, seconds: Double) {
+        let state = try BatonProcess.makeRunDirectory("hook")
+        var environment = ["BATON_STATE_DIR": state, "BATON_SOCKET": state + "/no-serve.sock"]
+        for (k, v) in env { environment[k] = v }
+        let started = Date()
+        let p = try BatonProcess(["hook"] + args, environment: environment, stdin: Data(xml.utf8))
+        let done = p.finish()
+        return (done.status, done.stderr, Date().timeIntervalSince(started))
+    }
+
+    @Test("a well-formed domain that did not opt in: exit 0 at once (Baton never blocks a start)")
+    func notOptedIn() throws {
+        let r = try hook(["qemu", "web1", "prepare", "begin", "-"], xml: domainXML)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr.isEmpty)
+        #expect(r.seconds < 1.0, "within the 1 s budget")
+    }
+
+    @Test("an opted-in domain with baton serve down: queued, exit 0 within the budget")
+    func optedInServiceDown() throws {
+        let state = try BatonProcess.makeRunDirectory("hookq")
+        let p = try BatonProcess(["hook", "qemu", "web2", "started", "begin", "-"],
+                                 environment: ["BATON_STATE_DIR": state, "BATON_SOCKET": state + "/down.sock"], stdin: Data(optedInXML.utf8))
+        let done = p.finish()
+        #expect(done.status == 0, "\(done.stderr)")
+        let queued = try String(contentsOfFile: state + "/hook-queue.jsonl", encoding: .utf8)
+        #expect(queued.contains("\"agent\":\"\\/run\\/batonvmm\\/web2.sock\"") || queued.contains("\"agent\":\"/run/batonvmm/web2.sock\""), "\(queued)")
+        #expect(try String(contentsOfFile: state + "/hook.log", encoding: .utf8).contains("web2 started begin"))
+    }
+
+    @Test("garbage gets a one-line error and the documented exit code", arguments: [
+        (["qemu", "web1"], domainXML, Int32(2), "got 2 arguments"),
+        (["lxc", "web1", "start", "begin", "-"], domainXML, Int32(2), "object 'lxc'"),
+        (["qemu", "web1", "start", "begin", "-"], "", Int32(3), "is empty"),
+        (["qemu", "web1", "start", "begin", "-"], "<domain><name>web1</name>", Int32(3), "malformed"),
+        (["qemu", "web1", "start", "begin", "-"], "<network><name>web1</name></network>", Int32(3), "not a <domain>"),
+        (["qemu", "other", "start", "begin", "-"], domainXML, Int32(4), "differs from the XML's <name>web1</name>"),
+    ])
+    func garbage(_ args: [String], _ xml: String, _ code: Int32, _ message: String) throws {
+        let r = try hook(args, xml: xml)
+        #expect(r.status == code, "\(r.stderr)")
+        #expect(r.stderr.contains(message), "\(r.stderr)")
+        #expect(r.stderr.split(separator: "\n").count == 1, "one line: \(r.stderr)")
+        #expect(r.seconds < 1.0)
+    }
+
+    @Test("an operation from a newer libvirt is let through (exit 0) with a note")
+    func unknownOperation() throws {
+        let r = try hook(["qemu", "web1", "teleport", "begin", "-"], xml: domainXML)
+        #expect(r.status == 0)
+        #expect(r.stderr.contains("ignoring operation 'teleport'"))
+    }
+}
+
+@Suite("baton serve")
+struct ServiceTests {
+    @Test("serve answers status and metrics, takes hook events, refuses bad requests, and stops cleanly on SIGTERM")
+    func lifecycle() throws {
+        let dir = try BatonProcess.makeRunDirectory("serve")
+        let socket = dir + "/serve.sock"
+        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
+        #expect(BatonProcess.waitForPath(socket))
+        let status = try BatonProcess(["status", "--socket", socket, "--json"]).finish()
+        #expect(status.status == 0)
+        #expect(status.stdout.contains("\"inFlight\":[]"), "\(status.stdout)")
+        let hook = try BatonProcess(["hook", "qemu", "web2", "started", "begin", "-"],
+                                    environment: ["BATON_STATE_DIR": dir + "/state", "BATON_SOCKET": socket], stdin: Data(optedInXML.utf8)).finish()
+        #expect(hook.status == 0)
+        usleep(100_000)
+        let after = try BatonProcess(["status", "--socket", socket, "--json"]).finish()
+        #expect(after.stdout.contains("web2"), "the hook event reached the service: \(after.stdout)")
+        let metrics = try BatonProcess(["status", "--socket", socket, "--metrics"]).finish()
+        #expect(metrics.stdout.contains("# TYPE baton_downtime_milliseconds histogram"))
+        #expect(metrics.stdout.contains("baton_handoff_failures_total 0"))
+        let bad = try BatonProcess(["upgrade", "--service", socket, "--vm", dir + "/nope.sock", "--binary", "/bin/false"]).finish()
+        #expect(bad.status != 0)
+        #expect(bad.stderr.contains("cannot reach the VM"), "\(bad.stderr)")
+        serve.kill(SIGTERM)
+        let done = serve.finish()
+        #expect(done.status == 0, "\(done.stderr)")
+        #expect(done.stderr.contains("stopped"))
+        #expect(!FileManager.default.fileExists(atPath: socket))
+    }
+}
+
+@Suite("baton upgrade --domain (libvirt test driver)")
+struct DomainUpgradeTests {
+    @Test("a domain without Baton's metadata is refused in preflight and stays running")
+    func refusesStockDomain() throws {
+        let path = NSTemporaryDirectory() + "baton-domain-\(getpid()).xml"
+        try "<node>\(domainXML.replacingOccurrences(of: "type='kvm'", with: "type='test'"))</node>".write(toFile: path, atomically: true, encoding: .utf8)
+        let r = try BatonProcess(["upgrade", "--domain", "web1", "--connect", "test://\(path)", "--binary", "/bin/true"]).finish()
+        #expect(r.status == 5, "\(r.stderr)")
+        #expect(r.stderr.contains("domain web1 does not embed Baton's agent"), "\(r.stderr)")
+        #expect(r.stderr.contains("nothing was paused"))
+        #expect(r.stderr.split(separator: "\n").count == 1)
+    }
+}
