@@ -26,7 +26,7 @@ struct ServiceUpgradeTests {
         // Submit the second only once the service reports the first in flight (no timing guess).
         var inFlight = false
         for _ in 0..<200 where !inFlight {
-            inFlight = (try? BatonProcess(["status", "--socket", socket, "--json"]).finish().stdout.contains(a.socket)) ?? false
+            inFlight = (try? BatonProcess(["status", "--socket", socket, "--json"]).finish().stdout.replacingOccurrences(of: "\\/", with: "/").contains(a.socket)) ?? false
             if !inFlight { usleep(5_000) }
         }
         #expect(inFlight, "the first upgrade never showed as in flight")
