@@ -60,7 +60,7 @@ let package = Package(
             "BatonVMM", "BatonController", "BatonHarness", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
         ]),
         .testTarget(name: "BatonFuzzTests", dependencies: ["BatonCore", "BatonVMM"]),
-        .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonController", "BatonTestSupport", "baton"]),
+        .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonController", "BatonSystem", "BatonTestSupport", "baton"]),
         .testTarget(name: "BatonSystemTests", dependencies: ["BatonSystem", "CBatonLinux"]),
         .testTarget(name: "BatonTransferTests", dependencies: [
             "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonCLI", "baton",

@@ -86,6 +86,13 @@ public enum Spawn {
         return pid
     }
 
+    /// Waits for `pid` to exit and returns its status (128 + signal if killed).
+    public static func wait(_ pid: pid_t) -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    }
+
     /// Non-blocking reap: the exit status if `pid` has exited, nil while it runs.
     public static func exitStatus(_ pid: pid_t) -> Int32? {
         var status: Int32 = 0

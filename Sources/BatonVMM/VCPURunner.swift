@@ -66,6 +66,11 @@ final class VCPUThread: @unchecked Sendable {
 
 private func vcpuThreadMain(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let t = Unmanaged<VCPUThread>.fromOpaque(context!).takeRetainedValue()
+    // The kick must get through even if this thread's creator blocked SIGUSR1.
+    var kick = sigset_t()
+    sigemptyset(&kick)
+    sigaddset(&kick, SIGUSR1)
+    pthread_sigmask(SIG_UNBLOCK, &kick, nil)
     t.body()
     return nil
 }

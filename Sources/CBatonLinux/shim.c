@@ -98,6 +98,7 @@ int cbaton_mincore(void *addr, size_t length, unsigned char *vec) { return minco
 int cbaton_pipe2_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 int cbaton_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }
 
+#include <signal.h>
 #include <spawn.h>
 extern char **environ;
 int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd) {
@@ -107,7 +108,15 @@ int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *c
     posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
     posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
     posix_spawnattr_init(&attr);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
+    /* A new session, an empty signal mask and default dispositions: a child spawned from a
+     * thread that blocks signals (dispatch workers block SIGTERM, SIGUSR1, ...) must not
+     * inherit that, or it would never see SIGTERM or a vCPU kick. */
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setsigdefault(&attr, &all);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     pid_t child = 0;
     int rc = posix_spawn(&child, path, &actions, &attr, argv, envp ? envp : environ);
     posix_spawn_file_actions_destroy(&actions);
