@@ -81,6 +81,7 @@ struct UpgradeCommand: ParsableCommand {
             return
         }
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
+        if let d = domainHandle { options.control = LibvirtControl(domain: d, agentSocket: vm) }  // libvirt pauses and resumes
         options.transport = transport
         options.releaseSource = releaseSource
         options.digest = digest

@@ -47,6 +47,9 @@ public struct UpgradeOptions: Sendable {
     public var newInstanceEnvironment: [String: String] = [:]
     /// A controller-side fault point (the harness's fault matrix).
     public var fault: ControllerFault?
+    /// Who pauses and resumes the guest: the VMM's own socket (default) or libvirt. The
+    /// sequence does not know which.
+    public var control: (any HypervisorControl)?
 
     public init(vmSocket: String, binary: String) {
         self.vmSocket = vmSocket
@@ -96,7 +99,10 @@ public struct UpgradeFailure: Error, CustomStringConvertible {
 /// failure rolls back: the new instance is killed and the old one resumes, memory intact.
 public final class UpgradeController {
     public let options: UpgradeOptions
+    /// The old instance's agent socket: handoff endpoints and the instance's own status.
     let old: VMMSocketControl
+    /// Pause and resume (the VMM socket, or libvirt for a libvirt domain).
+    let control: any HypervisorControl
     var report: UpgradeReport
     var journal: UpgradeJournal?
     var childPid: pid_t?
@@ -104,7 +110,8 @@ public final class UpgradeController {
     public init(options: UpgradeOptions) {
         self.options = options
         old = VMMSocketControl(socketPath: options.vmSocket)
-        report = UpgradeReport(vm: options.vmSocket, transport: options.transport)
+        control = options.control ?? old
+        report = UpgradeReport(vm: options.control?.identity ?? options.vmSocket, transport: options.transport)
     }
 
     struct StatusWithStart: Decodable {
@@ -176,7 +183,7 @@ public final class UpgradeController {
             prepared = true
             try log(.prepared)
             let pauseStart = Host.monotonicNanoseconds()
-            try old.pause()
+            try control.pause()
             paused = true
             report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
             try log(.paused)
@@ -258,7 +265,7 @@ public final class UpgradeController {
             var status: Int32 = 0
             waitpid(childPid, &status, 0)
         }
-        if paused { try? old.resume() }
+        if paused { try? control.resume() }
     }
 
     /// Starts the new binary as a new instance and waits until its agent socket accepts,

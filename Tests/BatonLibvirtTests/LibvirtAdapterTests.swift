@@ -67,3 +67,21 @@ struct LibvirtAdapterTests {
         #expect(try d.xml().contains("xmlns:baton=\"https://baton.dev/xmlns/handoff/1\""))
     }
 }
+
+@Suite("HypervisorControl through libvirt")
+struct LibvirtControlTests {
+    @Test("the upgrade sequence's pause and resume, driven through the protocol, reach libvirt")
+    func pauseResume() throws {
+        let conn = try testDriver("control")
+        let control: any HypervisorControl = LibvirtControl(domain: try conn.domain(named: "control"), agentSocket: nil)
+        #expect(control.identity.hasSuffix("#control"))
+        #expect(try control.state() == "Running")
+        try control.pause()
+        #expect(try control.state() == "Paused")
+        try control.resume()
+        #expect(try control.state() == "Running")
+        #expect(throws: VMMClient.Failure.self) { try control.pid() }
+    }
+}
+
+import BatonController
