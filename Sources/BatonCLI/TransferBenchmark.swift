@@ -6,20 +6,6 @@ import BatonTransfer
 import Foundation
 import Glibc
 
-/// min / median / max of repeated runs.
-public struct Spread: Codable, Sendable {
-    public let min: Double
-    public let median: Double
-    public let max: Double
-
-    public init(_ samples: [Double]) {
-        let s = samples.sorted()
-        min = s.first ?? 0
-        max = s.last ?? 0
-        median = s.isEmpty ? 0 : (s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2)
-    }
-}
-
 public struct BenchResult: Codable, Sendable {
     public let transport: String
     public let bytes: Int

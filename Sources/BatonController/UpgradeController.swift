@@ -213,7 +213,7 @@ public final class UpgradeController {
         } catch let crash as ControllerCrashed {
             throw crash
         } catch {
-            if paused && !Self.alive(report.oldPid) {
+            if paused && !Host.isAlive(report.oldPid) {
                 return try rollForwardAfterOldDeath(cause: error)
             }
             let journaledCommit = (try? UpgradeJournal.read(path: journal!.path).contains { $0.phase == .committed }) ?? false
@@ -227,11 +227,6 @@ public final class UpgradeController {
             try? log(.rolledBack, note: "\(error)")
             throw UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest", report: report)
         }
-    }
-
-    static func alive(_ pid: Int32) -> Bool {
-        guard pid > 0, kill(pid, 0) == 0 else { return false }
-        return !(Host.readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ")
     }
 
     /// The old instance died after the pause. With memfd-backed RAM the new instance already

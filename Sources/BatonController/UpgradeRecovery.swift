@@ -15,7 +15,7 @@ public enum UpgradeRecovery {
         let newPid = entries.compactMap(\.newPid).last
         let journal = try UpgradeJournal(path: journalPath)
         let control = VMMSocketControl(socketPath: first.vm)
-        func alive(_ pid: Int32?) -> Bool { pid.map { kill($0, 0) == 0 } ?? false }
+        func alive(_ pid: Int32?) -> Bool { pid.map(Host.isAlive) ?? false }
         if phases.contains(.committing) {
             // The controller decided to commit. Finish that decision if the old instance still
             // holds the verified handoff; otherwise see who runs the guest.

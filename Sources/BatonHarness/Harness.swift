@@ -24,20 +24,8 @@ public struct DowntimeRow: Codable, Sendable {
     public let transport: String
     public let ramBytes: Int
     public let runs: Int
-    public let downtimeMs: Stats
+    public let downtimeMs: Spread
     public let allVerified: Bool
-}
-
-public struct Stats: Codable, Sendable {
-    public let min: Double
-    public let median: Double
-    public let max: Double
-    public init(_ xs: [Double]) {
-        let s = xs.sorted()
-        min = s.first ?? 0
-        max = s.last ?? 0
-        median = s.isEmpty ? 0 : (s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2)
-    }
 }
 
 public struct HarnessReport: Codable, Sendable {
@@ -123,7 +111,7 @@ public struct Harness {
                     verified = verified && r.passed
                     if let d = r.downtimeMs { times.append(d) }
                 }
-                rows.append(DowntimeRow(transport: transport, ramBytes: size, runs: runs, downtimeMs: Stats(times), allVerified: verified))
+                rows.append(DowntimeRow(transport: transport, ramBytes: size, runs: runs, downtimeMs: Spread(times), allVerified: verified))
             }
         }
         return rows

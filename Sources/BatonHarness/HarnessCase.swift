@@ -62,11 +62,6 @@ public struct HarnessCase {
         let beats: [GuestBeat?]
     }
 
-    static func alive(_ pid: Int32) -> Bool {
-        guard pid > 0, kill(pid, 0) == 0 else { return false }
-        return !(Host.readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ")
-    }
-
     func status(_ client: VMMClient) -> Status? { try? client.expectOK("GET", "/api/v1/baton/status").decode(Status.self) }
 
     func waitBeat(_ client: VMMClient, after counter: UInt64, timeout: Double = 8) -> GuestBeat? {
@@ -147,10 +142,10 @@ public struct HarnessCase {
         result.faultFired = fault.evidence.map { result.detail.contains($0) } ?? true
         // An old instance that handed over stops its vCPUs at once but may take a moment to
         // unmap gigabytes and exit: allow it a bounded grace before counting instances.
-        var living = Set(pids.filter { Self.alive($0) })
+        var living = Set(pids.filter { Host.isAlive($0) })
         for _ in 0..<100 where living.count > 1 {
             usleep(50_000)
-            living = Set(pids.filter { Self.alive($0) })
+            living = Set(pids.filter { Host.isAlive($0) })
         }
         let serving = status(client)
         result.instancesRunning = living.count

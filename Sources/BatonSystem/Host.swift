@@ -46,6 +46,12 @@ public enum Host {
         close(fd)
     }
 
+    /// Whether process `pid` exists and is not a zombie (a dead child nobody reaped yet).
+    public static func isAlive(_ pid: Int32) -> Bool {
+        guard pid > 0, kill(pid, 0) == 0 else { return false }
+        return !(readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ")
+    }
+
     public static func monotonicNanoseconds() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC, &ts)

@@ -82,7 +82,7 @@ public struct IncomingHandoff {
             _ = try agent.receive()
         } catch {
             let held = Array(agent.destinations.values)
-            let oldDead = agent.peerPID.map { kill($0, 0) != 0 || (Host.readSmallFile("/proc/\($0)/stat") ?? "").contains(") Z ") } ?? false
+            let oldDead = agent.peerPID.map { !Host.isAlive($0) } ?? false
             if oldDead, held.contains(where: { $0.region.id == 0 }), held.contains(where: { $0.region.id == VMMService.stateRegionID }) {
                 return .orphaned(Orphan(regions: held, prebuilt: prebuilt, oldPID: agent.peerPID, digestBeforeResume: digestBeforeResume), reason: "\(error)")
             }

@@ -208,7 +208,7 @@ public final class VMMService: @unchecked Sendable {
     func adopt() throws -> HTTPResponse {
         lock.lock(); defer { lock.unlock() }
         guard let orphan else { return .error(409, "nothing to adopt: this instance holds no orphaned guest") }
-        if let pid = orphan.oldPID, kill(pid, 0) == 0, !(Host.readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ") {
+        if let pid = orphan.oldPID, Host.isAlive(pid) {
             return .error(409, "the old instance (pid \(pid)) is still alive: refusing to run the guest twice")
         }
         let vm = try orphan.adopt()
