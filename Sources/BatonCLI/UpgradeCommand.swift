@@ -27,6 +27,9 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(help: "Free the old instance's RAM chunk by chunk as the new one confirms it (gift): RAM + window instead of 2× RAM.")
     var releaseSource = false
 
+    @Flag(help: "Keep the hypervisor's pid: exec the new binary in the paused process (needed under libvirt's ch driver).")
+    var inPlace = false
+
     @Flag(help: "Digest all guest RAM at pause and in the new instance before it resumes (adds downtime).")
     var digest = false
 
@@ -83,6 +86,7 @@ struct UpgradeCommand: ParsableCommand {
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
         if let d = domainHandle { options.control = LibvirtControl(domain: d, agentSocket: vm) }  // libvirt pauses and resumes
         options.transport = transport
+        options.inPlace = inPlace
         options.releaseSource = releaseSource
         options.digest = digest
         options.journalPath = journal

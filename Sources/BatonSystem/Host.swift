@@ -12,6 +12,11 @@ public enum Host {
         cbaton_pin_current_thread(Int32(cpu % onlineCPUs)) == 0
     }
 
+    /// Names the calling thread (what /proc/PID/task/TID/comm shows; at most 15 bytes).
+    public static func nameCurrentThread(_ name: String) {
+        _ = cbaton_name_current_thread(String(name.prefix(15)))
+    }
+
     /// Reads a whole small file such as one under /proc or /sys; nil if it cannot be read.
     public static func readSmallFile(_ path: String) -> String? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)

@@ -154,3 +154,7 @@ public final class UnixListener: @unchecked Sendable {
 
     public func remove() { unlink(path) }
 }
+
+/// accept(2) with SOCK_CLOEXEC set atomically: a descriptor accepted just before an exec must
+/// not leak into the new image (where nobody would answer it). -1 and errno on failure.
+public func acceptCloseOnExec(_ listener: Int32) -> Int32 { cbaton_accept_cloexec(listener) }

@@ -68,7 +68,7 @@ public final class HTTPServer: @unchecked Sendable {
     public func start() {
         let t = Thread { [self] in
             while true {
-                let fd = accept4Compat(listener.raw)
+                let fd = acceptCloseOnExec(listener.raw)
                 if fd < 0 {
                     if errno == EINTR || errno == ECONNABORTED { continue }
                     return
@@ -193,12 +193,6 @@ struct BufferedReader {
         buffer.removeFirst(count)
         return out
     }
-}
-
-func accept4Compat(_ fd: Int32) -> Int32 {
-    let c = accept(fd, nil, nil)
-    if c >= 0 { _ = fcntl(c, F_SETFD, FD_CLOEXEC) }
-    return c
 }
 
 /// Feeds raw bytes through the real request parser (over a socketpair) for fuzz tests:

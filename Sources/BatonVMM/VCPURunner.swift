@@ -13,6 +13,8 @@ public final class BeatLog: Sendable {
 
     public init(vcpus: Int) { state = Mutex(State(last: Array(repeating: nil, count: vcpus))) }
 
+    func reset() { state.withLock { $0 = State(last: Array(repeating: nil, count: $0.last.count)) } }
+
     func record(_ beat: GuestBeat, vcpu: Int) {
         state.withLock { s in
             s.last[vcpu] = beat
@@ -55,6 +57,8 @@ final class VCPUThread: @unchecked Sendable {
 
     init(_ body: @escaping () -> Void) { self.body = body }
 
+    var name = "vcpu"
+
     func start() throws {
         let rc = pthread_create(&thread, nil, vcpuThreadMain, Unmanaged.passRetained(self).toOpaque())
         guard rc == 0 else { throw SyscallError("pthread_create(vCPU)", errno: rc) }
@@ -71,6 +75,8 @@ private func vcpuThreadMain(_ context: UnsafeMutableRawPointer?) -> UnsafeMutabl
     sigemptyset(&kick)
     sigaddset(&kick, SIGUSR1)
     pthread_sigmask(SIG_UNBLOCK, &kick, nil)
+    // libvirt's ch driver finds vCPU threads by their names (vcpu0, vcpu1, ...) to pin them.
+    Host.nameCurrentThread(t.name)
     t.body()
     return nil
 }
@@ -96,6 +102,7 @@ final class KVMRunner: VCPURunner, @unchecked Sendable {
         stopping.store(false, ordering: .releasing)
         vcpu.run.pointee.immediate_exit = 0
         let t = VCPUThread { [self] in loop() }
+        t.name = "vcpu\(index)"
         thread = t
         try t.start()
     }
@@ -162,6 +169,7 @@ final class SimulatedRunner: VCPURunner, @unchecked Sendable {
     func start() throws {
         stopping.store(false, ordering: .releasing)
         let t = VCPUThread { [self] in loop() }
+        t.name = "vcpu\(index)"
         thread = t
         try t.start()
     }

@@ -14,6 +14,10 @@ public struct VMConfig: Codable, Equatable, Sendable {
         /// The guest program: a file with raw 64-bit CPL-3 code, or "builtin:reference".
         public var kernel: String?
     }
+    /// libvirt's ch driver sends `"kernel":{"path":…}` (Cloud Hypervisor's older shape).
+    public struct KernelPath: Codable, Equatable, Sendable {
+        public var path: String
+    }
     /// Baton's own knobs for the reference guest.
     public struct Guest: Codable, Equatable, Sendable {
         /// Spin iterations between guest iterations (keeps the model cheap to replay).
@@ -27,6 +31,7 @@ public struct VMConfig: Codable, Equatable, Sendable {
     public var cpus: CPUs
     public var memory: Memory
     public var payload: Payload?
+    public var kernel: KernelPath?
     public var baton_guest: Guest?
 
     public init(ramBytes: Int, vcpus: Int = 1, shared: Bool = true, kernel: String? = nil, simulated: Bool = false) {
@@ -35,6 +40,9 @@ public struct VMConfig: Codable, Equatable, Sendable {
         payload = Payload(kernel: kernel)
         baton_guest = Guest(delay_spins: nil, heartbeat_mask: nil, simulated: simulated ? true : nil)
     }
+
+    /// The guest program's path, from either shape.
+    public var kernelPath: String? { payload?.kernel ?? kernel?.path }
 
     public var vcpus: Int { cpus.boot_vcpus }
     public var ramBytes: Int { memory.size }

@@ -9,7 +9,9 @@ import Glibc
 /// handoff endpoints under /api/v1/baton/. It owns the VM and, on the old side of an
 /// upgrade, the prepared/pending handoff.
 public final class VMMService: @unchecked Sendable {
-    public static let version = "batonvmm 0.1.0 (cloud-hypervisor API v1 subset)"
+    /// libvirt's ch driver probes `cloud-hypervisor --version` and wants `cloud-hypervisor vX.Y.Z`
+    /// with X ≥ 15 first; the rest says what it really is.
+    public static let version = "cloud-hypervisor v30.0.0 (batonvmm 0.1.0, Cloud Hypervisor API v1 subset)"
     let lock = NSLock()
     public private(set) var vm: VirtualMachine?
     var prepared: PreparedHandoff?
@@ -23,6 +25,12 @@ public final class VMMService: @unchecked Sendable {
     public var orphan: IncomingHandoff.Orphan?
     /// Makes the VM's socket path reach this instance (a new instance renames its staging socket).
     public var takeOverSocketPath: @Sendable () -> Void = {}
+    /// The API's listening descriptor (kept across an exec-in-place upgrade).
+    public var apiListenerFD: Int32 = -1
+    /// How many times this process has exec'd itself into a new binary.
+    public var execGeneration = 0
+    /// Why the last exec-in-place failed, if it did (the VM stayed here, paused).
+    public var lastExecError: String?
     public var onExit: @Sendable (Int32) -> Void = { code in exit(code) }
 
     public init() {}
@@ -50,6 +58,9 @@ public final class VMMService: @unchecked Sendable {
         let startedAtMonotonicNs: UInt64
         let failures: [String]
         let ramDigestBeforeResume: String?
+        let execGeneration: Int
+        let lastExecError: String?
+        let version: String
     }
 
     struct HandoffRequest: Decodable {
@@ -90,6 +101,9 @@ public final class VMMService: @unchecked Sendable {
                 try requireVM().resume()
                 stateSaved = false  // the guest runs again: a later pause saves afresh
                 return HTTPResponse(status: 204)
+            case ("PUT", "/api/v1/vm.reboot"):
+                try requireVM().reboot()
+                return HTTPResponse(status: 204)
             case ("PUT", "/api/v1/vm.shutdown"):
                 try requireVM().shutdown()
                 return HTTPResponse(status: 204)
@@ -105,13 +119,18 @@ public final class VMMService: @unchecked Sendable {
                 return .json(Status(pid: getpid(), state: incoming ? "Incoming" : (vm?.state.rawValue ?? "NotCreated"), backend: vm?.backendName,
                                     ramBytes: vm?.config.ramBytes ?? 0, vcpus: vm?.config.vcpus ?? 0, beats: vm?.beats.last ?? [],
                                     heartbeatExits: vm?.beats.exits ?? 0, startedAtMonotonicNs: vm?.lastStartNanoseconds ?? 0,
-                                    failures: vm?.failures ?? [], ramDigestBeforeResume: vm?.ramDigestBeforeResume))
+                                    failures: vm?.failures ?? [], ramDigestBeforeResume: vm?.ramDigestBeforeResume,
+                                    execGeneration: execGeneration, lastExecError: lastExecError, version: Self.version))
             case ("PUT", "/api/v1/baton/handoff.prepare"):
                 return try prepareHandoff(JSONDecoder().decode(HandoffRequest.self, from: Data(request.body)))
             case ("PUT", "/api/v1/baton/handoff.transfer"):
                 return try transferHandoff(digest: request.path.contains("digest=1"))
             case ("PUT", "/api/v1/baton/handoff.commit"):
                 return try commitHandoff()
+            case ("PUT", "/api/v1/baton/exec"):
+                let body = try JSONSerialization.jsonObject(with: Data(request.body)) as? [String: Any]
+                guard let binary = body?["binary"] as? String else { return .error(400, "exec needs {\"binary\": PATH}") }
+                return try execInPlace(binary)
             case ("PUT", "/api/v1/baton/adopt"):
                 return try adopt()
             case ("PUT", "/api/v1/baton/handoff.abandon"):
@@ -217,6 +236,44 @@ public final class VMMService: @unchecked Sendable {
         incoming = false
         takeOverSocketPath()
         return HTTPResponse(status: 204)
+    }
+
+    /// Upgrade in place, keeping this pid (what libvirt's ch driver knows the domain by):
+    /// the paused VM's state goes into a memfd, guest RAM is already one, and the process
+    /// exec's the new binary, which inherits both and the API's listening socket and restores
+    /// the VM paused. The controller has run the new binary once (`--version`) before the
+    /// pause; if the exec itself fails, this image carries on with the VM paused and says why
+    /// in its status.
+    func execInPlace(_ binary: String) throws -> HTTPResponse {
+        lock.lock(); defer { lock.unlock() }
+        let vm = try requireVM()
+        guard vm.state == .paused else { throw VMError.invalidState(action: "exec in place", state: vm.state) }
+        guard let ram = vm.ram.backing else { return .error(409, "exec in place needs memfd guest RAM (memory.shared): anonymous RAM dies with the exec") }
+        guard apiListenerFD >= 0 else { return .error(409, "no API listener to hand across the exec") }
+        guard access(binary, X_OK) == 0 else { return .error(400, "new binary \(binary) is missing or not executable; nothing was changed") }
+        let blob = try vm.saveState().encoded()
+        let state = try MemoryMapping.memfd(name: "batonvmm-exec-state", length: Host.pageSize * ((blob.count + StateRegion.headerBytes) / Host.pageSize + 1))
+        try StateRegion.write(blob, into: state.base, capacity: state.length)
+        let stateFD = state.backing!
+        let generation = execGeneration + 1
+        let listener = apiListenerFD
+        let pausedAt = vm.lastPauseNanoseconds
+        return HTTPResponse(status: 202, body: Array("{\"exec\":\"\(binary)\",\"pid\":\(getpid())}".utf8), afterSend: { [self] in
+            let fds = [ram.raw, stateFD.raw, listener]
+            for fd in fds { _ = fcntl(fd, F_SETFD, 0) }
+            let args = [binary, "--api-socket", "fd=\(listener)", "--resume", "ram=\(ram.raw),state=\(stateFD.raw)",
+                        "--exec-generation", "\(generation)", "--paused-at", "\(pausedAt)"]
+            var argv: [UnsafeMutablePointer<CChar>?] = args.map { strdup($0) } + [nil]
+            execv(binary, &argv)
+            // Still here: the exec failed. Nothing changed; the VM stays paused in this image.
+            let why = String(cString: strerror(errno))
+            for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+            argv.forEach { free($0) }
+            lock.lock()
+            lastExecError = "execv(\(binary)) failed: \(why)"
+            lock.unlock()
+            withExtendedLifetime(state) {}
+        })
     }
 
     func commitHandoff() throws -> HTTPResponse {

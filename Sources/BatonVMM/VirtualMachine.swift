@@ -29,6 +29,8 @@ public final class VirtualMachine: @unchecked Sendable {
     public private(set) var state: VMRunState = .created
     /// CLOCK_MONOTONIC when the vCPUs last started: how a controller measures downtime.
     public private(set) var lastStartNanoseconds: UInt64 = 0
+    /// CLOCK_MONOTONIC when the last pause began (carried across an exec-in-place upgrade).
+    public var lastPauseNanoseconds: UInt64 = 0
     /// Set by a new instance asked to digest its RAM before resuming (tests, `--digest`).
     public var ramDigestBeforeResume: String?
     let lock = NSLock()
@@ -80,7 +82,7 @@ public final class VirtualMachine: @unchecked Sendable {
         let reserved = Int(GuestLayout.reservedBytes(vcpus: config.vcpus))
         TestPattern.fill(ram.base + reserved, count: config.ramBytes - reserved, seed: 0xBA70_6E57, firstWord: UInt64(reserved / 8))
         GuestLayout.install(into: ram.base, ramBytes: config.ramBytes, vcpus: config.vcpus)
-        if let kernel = config.payload?.kernel, kernel != "builtin:reference", !kernel.isEmpty {
+        if let kernel = config.kernelPath, kernel != "builtin:reference", !kernel.isEmpty {
             guard let code = FileManager.default.contents(atPath: kernel), !code.isEmpty, code.count <= 0x4000 else {
                 throw VMError.badKernel(kernel)
             }
@@ -136,6 +138,7 @@ public final class VirtualMachine: @unchecked Sendable {
     public func pause() throws {
         lock.lock(); defer { lock.unlock() }
         guard state == .running else { throw VMError.invalidState(action: "pause", state: state) }
+        lastPauseNanoseconds = Host.monotonicNanoseconds()
         for r in runners { r.stop() }
         state = .paused
     }
@@ -143,6 +146,18 @@ public final class VirtualMachine: @unchecked Sendable {
     public func resume() throws {
         lock.lock(); defer { lock.unlock() }
         guard state == .paused else { throw VMError.invalidState(action: "resume", state: state) }
+        try startRunners()
+    }
+
+    /// A reset: the guest starts over from its first instruction (vm.reboot).
+    public func reboot() throws {
+        lock.lock(); defer { lock.unlock() }
+        guard state == .running || state == .paused else { throw VMError.invalidState(action: "reboot", state: state) }
+        if state == .running { for r in runners { r.stop() } }
+        try installGuest()
+        if backend == .kvm { try setUpKVMRegisters() }
+        beats.reset()
+        runners = makeRunners(r15: Array(repeating: 0, count: config.vcpus))
         try startRunners()
     }
 
@@ -209,6 +224,19 @@ public final class VirtualMachine: @unchecked Sendable {
         vm.runners = vm.makeRunners(r15: saved.backend == .simulated ? saved.simulatedR15 : Array(repeating: 0, count: config.vcpus))
         vm.state = .paused
         return vm
+    }
+
+    /// A VM restored in this process after an exec-in-place upgrade: RAM from the inherited
+    /// memfd, state from the inherited state memfd; left paused for its manager to resume.
+    public static func resumeAfterExec(ramFD: Int32, stateFD: Int32) throws -> VirtualMachine {
+        let ramFile = FileDescriptor(owning: ramFD)
+        let stateFile = FileDescriptor(owning: stateFD)
+        _ = fcntl(ramFD, F_SETFD, FD_CLOEXEC)
+        let ramBytes = Int(try ramFile.status().st_size)
+        let stateBytes = Int(try stateFile.status().st_size)
+        let ram = try MemoryMapping.shared(fd: ramFile, offset: 0, length: ramBytes)
+        let state = try MemoryMapping.shared(fd: stateFile, offset: 0, length: stateBytes)
+        return try restore(try StateRegion.read(from: state.base, capacity: stateBytes), ram: ram)
     }
 
     /// Starts a restored VM (the new instance's resume).

@@ -124,3 +124,5 @@ int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *c
     *pid = child;
     return rc;
 }
+
+int cbaton_name_current_thread(const char *name) { return pthread_setname_np(pthread_self(), name); }

@@ -33,6 +33,15 @@ struct BatonVMMCommand: ParsableCommand {
     @Option(help: "Start as a new instance that waits for a handoff on this agent socket.")
     var incoming: String?
 
+    @Option(help: "After an exec-in-place upgrade: ram=FD,state=FD inherited from the previous image (set by batonvmm itself).")
+    var resume: String?
+
+    @Option(help: "Exec-in-place generation (set by batonvmm itself).")
+    var execGeneration: Int = 0
+
+    @Option(help: "CLOCK_MONOTONIC of the pause before the exec (set by batonvmm itself).")
+    var pausedAt: UInt64 = 0
+
     @Option(help: "With --incoming: create this many KVM vCPUs before the handoff (a hint; ignored if the state differs).")
     var expectVcpus: Int?
 
@@ -47,6 +56,7 @@ struct BatonVMMCommand: ParsableCommand {
         if let ram, ByteSize(parsing: ram) == nil { throw ValidationError("--ram: '\(ram)' is not a size (e.g. 256MiB)") }
         guard memory == "shared" || memory == "private" else { throw ValidationError("--memory: shared or private, got '\(memory)'") }
         if incoming != nil && ram != nil { throw ValidationError("--incoming takes its VM from the handoff; drop --ram") }
+        if let resume, !(resume.hasPrefix("ram=") && resume.contains(",state=")) { throw ValidationError("--resume: expected ram=FD,state=FD") }
     }
 
     func run() throws {
@@ -64,6 +74,18 @@ struct BatonVMMCommand: ParsableCommand {
             let path = incoming == nil ? apiPath! : apiPath! + ".incoming-\(getpid())"
             listener = try UnixListener(path: path)
             listenerFD = listener!.fd
+        }
+        service.apiListenerFD = listenerFD.raw
+        service.execGeneration = execGeneration
+        if let resume {
+            let parts = Dictionary(uniqueKeysWithValues: resume.split(separator: ",").map { p -> (String, Int32) in
+                let kv = p.split(separator: "=")
+                return (String(kv[0]), Int32(kv[1]) ?? -1)
+            })
+            let vm = try VirtualMachine.resumeAfterExec(ramFD: parts["ram"] ?? -1, stateFD: parts["state"] ?? -1)
+            vm.lastPauseNanoseconds = pausedAt
+            service.adopt(vm)
+            FileHandle.standardError.write(Data("batonvmm \(getpid()): exec'd in place (generation \(execGeneration)), VM restored paused\n".utf8))
         }
         if let ram {
             let config = VMConfig(ramBytes: ByteSize(parsing: ram)!.bytes, vcpus: vcpus, shared: memory == "shared", simulated: simulated)

@@ -137,3 +137,46 @@ struct RecoveryTests {
         #expect(try vmm.status().state == "Running")
     }
 }
+
+@Suite("Exec-in-place upgrade (the pid stays)")
+struct InPlaceUpgradeTests {
+    @Test("upgraded in place twice: same pid, new image, the guest continues exactly", arguments: [false, true])
+    func inPlaceTwice(simulated: Bool) throws {
+        if !simulated, let why = KVMHost.unavailableReason { try Test.cancel("KVM unavailable: \(why)") }
+        let vmm = try RunningVMM(ram: "256MiB", simulated: simulated)
+        defer { vmm.stop() }
+        let binary = vmm.directory + "/batonvmm-next"
+        try FileManager.default.copyItem(atPath: batonvmmPath, toPath: binary)
+        let pid = try vmm.status().pid
+        var last = try vmm.beat()
+        for _ in 0..<2 {
+            var options = UpgradeOptions(vmSocket: vmm.socket, binary: binary)
+            options.inPlace = true
+            let report = try UpgradeController(options: options).run()
+            #expect(report.oldPid == pid && report.newPid == pid, "the pid libvirt knows must stay")
+            #expect(report.verified && !report.rolledBack)
+            #expect(try vmm.status().state == "Running")
+            let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
+            #expect(exe == binary, "the process now runs the new binary: \(exe)")
+            let next = try vmm.beat(after: last.counter)
+            expectMatchesModel(next, "after the exec-in-place upgrade")
+            last = next
+        }
+    }
+
+    @Test("a new binary that cannot start is caught before the pause; the VM keeps running")
+    func brokenBinary() throws {
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let script = vmm.directory + "/broken"
+        FileManager.default.createFile(atPath: script, contents: Data("#!/bin/sh\nexit 9\n".utf8), attributes: [.posixPermissions: 0o755])
+        var options = UpgradeOptions(vmSocket: vmm.socket, binary: script)
+        options.inPlace = true
+        #expect {
+            _ = try UpgradeController(options: options).run()
+        } throws: { "\($0)".contains("failed its --version probe (status 9)") && "\($0)".contains("nothing was changed") }
+        let before = try vmm.beat()
+        #expect(try vmm.status().state == "Running")
+        expectMatchesModel(try vmm.beat(after: before.counter))
+    }
+}

@@ -35,6 +35,7 @@ ssize_t cbaton_recv_with_fds(int sock, void *buf, size_t len, int *fds_out, int 
                              int *nfds, int *truncated);
 int cbaton_peer_credentials(int sock, int32_t *pid, uint32_t *uid, uint32_t *gid);
 int cbaton_pin_current_thread(int cpu);
+int cbaton_name_current_thread(const char *name);
 int cbaton_punch_hole(int fd, off_t offset, off_t len);
 int cbaton_mincore(void *addr, size_t length, unsigned char *vec);
 int cbaton_pipe2_cloexec(int fds[2]);
