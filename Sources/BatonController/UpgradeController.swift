@@ -283,7 +283,7 @@ public final class UpgradeController {
         report.ramBytes = UInt64(before.ramBytes)
         // After the exec there is no going back, so the new binary runs once first, outside the
         // pause: a build that cannot even start never replaces the running one.
-        let probeLog = NSTemporaryDirectory() + "baton-probe-\(getpid()).log"
+        let probeLog = NSTemporaryDirectory() + "baton-probe-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).log"
         defer { try? FileManager.default.removeItem(atPath: probeLog) }
         let probe = try Spawn.detached(options.binary, ["--version"], logPath: probeLog)
         let probeStatus = Spawn.wait(probe)
