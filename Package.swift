@@ -57,7 +57,7 @@ let package = Package(
         ]),
         .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
         .testTarget(name: "BatonVMMTests", dependencies: [
-            "BatonVMM", "BatonController", "BatonHarness", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
+            "BatonVMM", "BatonController", "BatonHarness", "BatonLibvirt", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
         ]),
         .testTarget(name: "BatonFuzzTests", dependencies: ["BatonCore", "BatonVMM"]),
         .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonController", "BatonSystem", "BatonTestSupport", "baton"]),

@@ -54,6 +54,7 @@ struct UpgradeCommand: ParsableCommand {
 
     func run() throws {
         var domainHandle: LibvirtDomain?
+        var chDomain = false
         var record = BatonMetadata()
         var vm = self.vm ?? ""
         if let domain {
@@ -61,16 +62,33 @@ struct UpgradeCommand: ParsableCommand {
             // a hypervisor that embeds its agents, and says so for any other domain.
             let d: LibvirtDomain
             do { d = try LibvirtConnection(uri: connect).domain(domain) } catch { throw fail("\(error)", .failure) }
-            guard let element = try d.metadata(), let meta = BatonMetadata(element: element), let agent = meta.agent, !agent.isEmpty else {
+            guard try d.state().state == .running else { throw fail("domain \(d.name) is \(try d.state().state.rawValue), not running; nothing was paused", .failure) }
+            if let element = try? d.metadata(), let meta = BatonMetadata(element: element), let agent = meta.agent, !agent.isEmpty {
+                vm = agent
+                record = meta
+            } else if connect.hasPrefix("ch:"), let pid = d.id, let socket = ListeningSocketPath.of(pid: pid).first,
+                      (try? VMMClient(socketPath: socket, timeoutSeconds: 5).expectOK("GET", "/api/v1/vmm.ping").text.contains("batonvmm")) == true {
+                // libvirt's ch driver keeps no metadata; its VMM is found by pid, and must be batonvmm.
+                vm = socket
+                chDomain = true
+            } else {
                 throw fail("domain \(d.name) does not embed Baton's agent: no <baton:handoff agent=...> in its metadata (a stock QEMU domain cannot hand its RAM over); nothing was paused", .peerRefused)
             }
-            guard try d.state().state == .running else { throw fail("domain \(d.name) is \(try d.state().state.rawValue), not running; nothing was paused", .failure) }
-            vm = agent
-            record = meta
             domainHandle = d
         }
         defer {
-            if let d = domainHandle { try? d.setMetadata(record.element) }
+            // The handoff record: in the domain's metadata, or, where the driver keeps none
+            // (libvirt 9.0's ch driver), in Baton's state directory.
+            if let d = domainHandle, (try? d.setMetadata(record.element)) == nil {
+                let state = ProcessInfo.processInfo.environment["BATON_STATE_DIR"] ?? "/var/lib/baton"
+                try? FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+                let line = "{\"domain\":\"\(d.name)\",\"uuid\":\"\(d.uuid)\",\"record\":\"\(record.element.replacingOccurrences(of: "\"", with: "'"))\"}\n"
+                if let h = FileHandle(forWritingAtPath: state + "/handoffs.jsonl") ?? { FileManager.default.createFile(atPath: state + "/handoffs.jsonl", contents: nil); return FileHandle(forWritingAtPath: state + "/handoffs.jsonl") }() {
+                    h.seekToEndOfFile()
+                    h.write(Data(line.utf8))
+                    try? h.close()
+                }
+            }
         }
         if let service {
             let reply = try ServiceClient.request(service, ["op": "upgrade", "vm": vm, "binary": binary, "transport": transport, "release_source": releaseSource])
@@ -86,7 +104,7 @@ struct UpgradeCommand: ParsableCommand {
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
         if let d = domainHandle { options.control = LibvirtControl(domain: d, agentSocket: vm) }  // libvirt pauses and resumes
         options.transport = transport
-        options.inPlace = inPlace
+        options.inPlace = inPlace || chDomain  // the ch driver knows the VMM by pid: keep it
         options.releaseSource = releaseSource
         options.digest = digest
         options.journalPath = journal

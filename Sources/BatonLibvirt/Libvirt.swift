@@ -184,3 +184,38 @@ public final class LifecycleSubscription: @unchecked Sendable {
     public static let suspended = Int32(VIR_DOMAIN_EVENT_SUSPENDED.rawValue)
     public static let resumed = Int32(VIR_DOMAIN_EVENT_RESUMED.rawValue)
 }
+
+extension LibvirtDomain {
+    /// The domain's id; for libvirt's ch driver this is the VMM's pid.
+    public var id: Int32? {
+        let i = virDomainGetID(handle)
+        return i == UInt32.max ? nil : Int32(bitPattern: i)
+    }
+
+    /// The `<emulator>` of the domain XML.
+    public func emulator() throws -> String? {
+        let xml = try self.xml()
+        guard let a = xml.range(of: "<emulator>"), let b = xml.range(of: "</emulator>", range: a.upperBound..<xml.endIndex) else { return nil }
+        return String(xml[a.upperBound..<b.lowerBound])
+    }
+}
+
+/// Finds the path of a Unix socket a process listens on, from /proc (the ch driver creates the
+/// VMM's API socket itself and hands it over as `--api-socket fd=N`; this is how Baton finds it).
+public enum ListeningSocketPath {
+    public static func of(pid: Int32) -> [String] {
+        let fdDir = "/proc/\(pid)/fd"
+        let inodes = Set(((try? FileManager.default.contentsOfDirectory(atPath: fdDir)) ?? []).compactMap { fd -> String? in
+            guard let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "\(fdDir)/\(fd)"),
+                  target.hasPrefix("socket:[") else { return nil }
+            return String(target.dropFirst(8).dropLast())
+        })
+        guard let table = try? String(contentsOfFile: "/proc/net/unix", encoding: .utf8) else { return [] }
+        // Num RefCount Protocol Flags Type St Inode Path; Flags 00010000 = listening (__SO_ACCEPTCON).
+        return table.split(separator: "\n").dropFirst().compactMap { line in
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count >= 8, f[3] == "00010000", inodes.contains(String(f[6])), f[7].hasPrefix("/") else { return nil }
+            return String(f[7])
+        }
+    }
+}
