@@ -34,7 +34,7 @@ struct DemoCommand: ParsableCommand {
         let run = try BatonProcess.makeRunDirectory("demo")
         defer { try? FileManager.default.removeItem(atPath: run) }
         let next = run + "/batonvmm-next"
-        try FileManager.default.copyItem(atPath: vmm, toPath: next)
+        try Executable.copy(from: vmm, to: next)
         let socket = run + "/vm.sock"
         print("\n== start the reference VM: batonvmm --ram \(ByteSize(bytes)) --control \(socket)")
         let first = try Spawn.detached(vmm, ["--ram", "\(bytes)", "--control", socket], logPath: run + "/vmm.log")

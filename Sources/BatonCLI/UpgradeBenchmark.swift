@@ -44,7 +44,7 @@ struct UpgradeBench: ParsableCommand {
         let dir = try BatonProcess.makeRunDirectory("bench-upgrade")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let next = dir + "/batonvmm-next"
-        try FileManager.default.copyItem(atPath: vmm, toPath: next)
+        try Executable.copy(from: vmm, to: next)
         let memcpyTimes = try TransferBenchmark(sizes: [bytes], runs: runs, transports: [], options: .init(), progress: { _ in })
             .measureMemcpy(size: bytes).map { $0 * 1000 }
         var rows: [Row] = []

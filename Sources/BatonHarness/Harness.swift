@@ -79,7 +79,7 @@ public struct Harness {
         let group = DispatchGroup()
         let (vmm, work) = (batonvmm, workDirectory)
         let shared = workDirectory + "/batonvmm-next"
-        try? FileManager.default.copyItem(atPath: batonvmm, toPath: shared)
+        try? Executable.copy(from: batonvmm, to: shared)
         for i in 0..<count {
             group.enter()
             Thread {

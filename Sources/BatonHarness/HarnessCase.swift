@@ -176,13 +176,13 @@ public struct HarnessCase {
         case "missing"?:
             return dir + "/no-such-batonvmm"
         case "not-executable"?:
-            try FileManager.default.copyItem(atPath: batonvmm, toPath: path)
+            try Executable.copy(from: batonvmm, to: path)
             chmod(path, 0o644)
         case "crashes"?:
             FileManager.default.createFile(atPath: path, contents: Data("#!/bin/sh\necho 'segfault in the new build (simulated)' >&2\nkill -SEGV $$\n".utf8),
                                            attributes: [.posixPermissions: 0o755])
         default:
-            try FileManager.default.copyItem(atPath: batonvmm, toPath: path)
+            try Executable.copy(from: batonvmm, to: path)
         }
         return path
     }

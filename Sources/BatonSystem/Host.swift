@@ -64,6 +64,29 @@ public enum Host {
     }
 }
 
+public enum Executable {
+    /// Copies a program file, mode 0755, through a close-on-exec descriptor: a plain copy leaves
+    /// its write descriptor open across any fork another thread makes meanwhile, and exec'ing
+    /// the copy then fails with ETXTBSY for as long as such a child lives.
+    public static func copy(from source: String, to destination: String) throws {
+        let input = try checkedCall("open(\(source))") { open(source, O_RDONLY | O_CLOEXEC) }
+        defer { close(input) }
+        unlink(destination)
+        let output = try checkedCall("open(\(destination))") { open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o755) }
+        defer { close(output) }
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        while true {
+            let n = try buffer.withUnsafeMutableBytes { b in try checkedCall("read(\(source))") { read(input, b.baseAddress, b.count) } }
+            if n == 0 { break }
+            var done = 0
+            while done < n {
+                done += try buffer.withUnsafeBytes { b in try checkedCall("write(\(destination))") { write(output, b.baseAddress! + done, n - done) } }
+            }
+        }
+        _ = fchmod(output, 0o755)
+    }
+}
+
 public enum Spawn {
     /// Starts `path` with `arguments` in a new session (it outlives its parent and the
     /// parent's terminal signals), stdout and stderr appended to `logPath`. Returns the pid.

@@ -107,6 +107,8 @@ int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *c
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
     posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
+    /* Only stdio: no descriptor some other thread happened to hold open leaks into the child. */
+    posix_spawn_file_actions_addclosefrom_np(&actions, 3);
     posix_spawnattr_init(&attr);
     /* A new session, an empty signal mask and default dispositions: a child spawned from a
      * thread that blocks signals (dispatch workers block SIGTERM, SIGUSR1, ...) must not

@@ -1,4 +1,5 @@
 import BatonTestSupport
+import BatonSystem
 import Foundation
 import Glibc
 import Testing
@@ -17,7 +18,7 @@ struct ServiceUpgradeTests {
         let b = try RunningVMM(ram: "64MiB", simulated: true)
         defer { a.stop(); b.stop() }
         let next = dir + "/batonvmm-next"
-        try FileManager.default.copyItem(atPath: batonvmmPath, toPath: next)
+        try Executable.copy(from: batonvmmPath, to: next)
         func submit(_ vm: RunningVMM) throws -> BatonProcess {
             try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--transport", "gift"])
         }

@@ -13,7 +13,7 @@ struct UpgradeTests {
     func newBinary(in dir: String) throws -> String {
         let path = dir + "/batonvmm-next"
         try? FileManager.default.removeItem(atPath: path)
-        try FileManager.default.copyItem(atPath: batonvmmPath, toPath: path)
+        try Executable.copy(from: batonvmmPath, to: path)
         return path
     }
 
@@ -146,7 +146,7 @@ struct InPlaceUpgradeTests {
         let vmm = try RunningVMM(ram: "256MiB", simulated: simulated)
         defer { vmm.stop() }
         let binary = vmm.directory + "/batonvmm-next"
-        try FileManager.default.copyItem(atPath: batonvmmPath, toPath: binary)
+        try Executable.copy(from: batonvmmPath, to: binary)
         let pid = try vmm.status().pid
         var last = try vmm.beat()
         for _ in 0..<2 {
