@@ -218,7 +218,7 @@ public final class UpgradeController {
         } catch let crash as ControllerCrashed {
             throw crash
         } catch {
-            if paused && !Host.isAlive(report.oldPid) {
+            if paused && oldInstanceGone() {
                 return try rollForwardAfterOldDeath(cause: error)
             }
             let journaledCommit = (try? UpgradeJournal.read(path: journal!.path).contains { $0.phase == .committed }) ?? false
@@ -234,6 +234,20 @@ public final class UpgradeController {
         }
     }
 
+    /// Whether the old instance is dead, not just slow: a SIGKILLed process stays visible for
+    /// a moment while the kernel tears it down, and rolling back then would kill the new
+    /// instance — the only one left holding the guest. So while the old instance neither
+    /// answers nor has vanished, wait (bounded) for one or the other.
+    func oldInstanceGone() -> Bool {
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline {
+            if !Host.isAlive(report.oldPid) { return true }
+            if (try? VMMClient(socketPath: options.vmSocket, timeoutSeconds: 0.5).expectOK("GET", "/api/v1/vmm.ping")) != nil { return false }
+            usleep(20_000)
+        }
+        return !Host.isAlive(report.oldPid)
+    }
+
     /// The old instance died after the pause. With memfd-backed RAM the new instance already
     /// holds guest RAM and the state saved at the pause: tell it to adopt them. Otherwise the
     /// pages that had not left the old process died with it, and the VM is lost.
@@ -241,7 +255,19 @@ public final class UpgradeController {
         try? log(.committing, note: "old instance died after the pause: rolling forward")
         let staging = VMMClient(socketPath: options.vmSocket + ".incoming-\(report.newPid)", timeoutSeconds: 20)
         do {
-            try staging.expectOK("PUT", "/api/v1/baton/adopt")
+            // The new instance notices the death on its own clock: ask until it holds the orphan
+            // (bounded), or until it is plainly gone.
+            var attempt = 0
+            while true {
+                do {
+                    try staging.expectOK("PUT", "/api/v1/baton/adopt")
+                    break
+                } catch {
+                    attempt += 1
+                    if attempt >= 300 || !Host.isAlive(report.newPid) { throw error }
+                    usleep(20_000)
+                }
+            }
             let after = try waitForNewInstance()
             report.downtimeMs = 0  // not a clean handoff: no downtime figure
             report.verified = false

@@ -53,6 +53,11 @@ public struct IncomingHandoff {
         }
     }
 
+    static func isPeerGone(_ error: Error) -> Bool {
+        let text = "\(error)"
+        return text.contains("peer closed") || text.contains("ECONNRESET") || text.contains("EPIPE") || text.contains("truncated")
+    }
+
     public enum Outcome {
         case running(VirtualMachine)
         /// The old instance died; the guest can be adopted (`PUT /api/v1/baton/adopt`).
@@ -82,7 +87,13 @@ public struct IncomingHandoff {
             _ = try agent.receive()
         } catch {
             let held = Array(agent.destinations.values)
-            let oldDead = agent.peerPID.map { !Host.isAlive($0) } ?? false
+            // A SIGKILLed process stays visible for a moment while the kernel tears it down:
+            // when the connection broke (not an orderly abandon), give its death a bounded wait.
+            var oldDead = agent.peerPID.map { !Host.isAlive($0) } ?? false
+            if !oldDead, let pid = agent.peerPID, Self.isPeerGone(error) {
+                for _ in 0..<250 where Host.isAlive(pid) { usleep(20_000) }
+                oldDead = !Host.isAlive(pid)
+            }
             if oldDead, held.contains(where: { $0.region.id == 0 }), held.contains(where: { $0.region.id == VMMService.stateRegionID }) {
                 return .orphaned(Orphan(regions: held, prebuilt: prebuilt, oldPID: agent.peerPID, digestBeforeResume: digestBeforeResume), reason: "\(error)")
             }
