@@ -27,10 +27,8 @@ struct DemoCommand: ParsableCommand {
             if let fix = item.fix { print("        fix: \(fix)") }
         }
         let bytes = try parseSize(ram, option: "--ram")
-        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        let dir = URL(fileURLWithPath: me).deletingLastPathComponent().path
-        let vmm = dir + "/batonvmm"
-        guard FileManager.default.isExecutableFile(atPath: vmm) else { throw fail("batonvmm not found beside \(me)", .failure) }
+        let vmm = Executable.besideThisProcess("batonvmm")
+        guard FileManager.default.isExecutableFile(atPath: vmm) else { throw fail("batonvmm not found at \(vmm)", .failure) }
         let run = try BatonProcess.makeRunDirectory("demo")
         defer { try? FileManager.default.removeItem(atPath: run) }
         let next = run + "/batonvmm-next"

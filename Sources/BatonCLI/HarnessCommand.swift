@@ -49,8 +49,7 @@ struct HarnessCommand: ParsableCommand {
     }
 
     func run() throws {
-        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        let vmm = URL(fileURLWithPath: me).deletingLastPathComponent().path + "/batonvmm"
+        let vmm = Executable.besideThisProcess("batonvmm")
         let work = try BatonProcess.makeRunDirectory("harness")
         defer { try? FileManager.default.removeItem(atPath: work) }
         var harness = Harness(batonvmm: vmm, workDirectory: work)

@@ -45,7 +45,7 @@ struct HookCommand: ParsableCommand {
         let line = String(format: "%@ hook qemu %@ %@ %@ %@ xml=%d bytes → %@ in %.2f ms\n",
                           ISO8601DateFormatter().string(from: Date()), request.domain, request.operation, request.subOperation,
                           request.extra, xml.count, outcome, ms)
-        appendLine(line, to: stateDirectory + "/hook.log")
+        Host.appendLine(line, to: stateDirectory + "/hook.log")
     }
 
     /// Sends the event to `baton serve` (bounded by the budget); if it is down, queues it.
@@ -57,16 +57,7 @@ struct HookCommand: ParsableCommand {
             try? s.setTimeout(seconds: Self.budgetSeconds / 2)
             if (try? s.send(Array(line.utf8))) != nil { return "forwarded to baton serve" }
         }
-        appendLine(line, to: stateDirectory + "/hook-queue.jsonl")
+        Host.appendLine(line, to: stateDirectory + "/hook-queue.jsonl")
         return "queued (baton serve unreachable)"
-    }
-
-    func appendLine(_ line: String, to path: String) {
-        try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
-                                                 attributes: [.posixPermissions: 0o700])
-        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return }
-        _ = line.withCString { write(fd, $0, strlen($0)) }
-        close(fd)
     }
 }

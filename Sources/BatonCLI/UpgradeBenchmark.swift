@@ -39,8 +39,7 @@ struct UpgradeBench: ParsableCommand {
 
     func run() throws {
         let bytes = try parseSize(ram, option: "--ram")
-        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        let vmm = URL(fileURLWithPath: me).deletingLastPathComponent().path + "/batonvmm"
+        let vmm = Executable.besideThisProcess("batonvmm")
         let dir = try BatonProcess.makeRunDirectory("bench-upgrade")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let next = dir + "/batonvmm-next"

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BatonController
 import BatonLibvirt
+import BatonSystem
 import Foundation
 import Glibc
 
@@ -81,13 +82,8 @@ struct UpgradeCommand: ParsableCommand {
             // (libvirt 9.0's ch driver), in Baton's state directory.
             if let d = domainHandle, (try? d.setMetadata(record.element)) == nil {
                 let state = ProcessInfo.processInfo.environment["BATON_STATE_DIR"] ?? "/var/lib/baton"
-                try? FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
                 let line = "{\"domain\":\"\(d.name)\",\"uuid\":\"\(d.uuid)\",\"record\":\"\(record.element.replacingOccurrences(of: "\"", with: "'"))\"}\n"
-                if let h = FileHandle(forWritingAtPath: state + "/handoffs.jsonl") ?? { FileManager.default.createFile(atPath: state + "/handoffs.jsonl", contents: nil); return FileHandle(forWritingAtPath: state + "/handoffs.jsonl") }() {
-                    h.seekToEndOfFile()
-                    h.write(Data(line.utf8))
-                    try? h.close()
-                }
+                Host.appendLine(line, to: state + "/handoffs.jsonl")
             }
         }
         if let service {

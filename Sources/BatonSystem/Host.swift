@@ -1,4 +1,5 @@
 import CBatonLinux
+import Foundation
 import Glibc
 
 /// Facts about this host and this process that transfers and reports need.
@@ -15,6 +16,17 @@ public enum Host {
     /// Names the calling thread (what /proc/PID/task/TID/comm shows; at most 15 bytes).
     public static func nameCurrentThread(_ name: String) {
         _ = cbaton_name_current_thread(String(name.prefix(15)))
+    }
+
+    /// Appends `line` to a log-like file (created 0600, its directory 0700), atomically with
+    /// respect to other appenders (O_APPEND). Best effort: a log line never fails its caller.
+    public static func appendLine(_ line: String, to path: String) {
+        try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
+                                                 attributes: [.posixPermissions: 0o700])
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return }
+        _ = line.withCString { write(fd, $0, strlen($0)) }
+        close(fd)
     }
 
     /// Reads a whole small file such as one under /proc or /sys; nil if it cannot be read.
@@ -65,6 +77,13 @@ public enum Host {
 }
 
 public enum Executable {
+    /// The program `name` in the directory this process's executable lives in (how `baton`
+    /// finds the `batonvmm` built beside it).
+    public static func besideThisProcess(_ name: String) -> String {
+        let me = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return URL(fileURLWithPath: me).deletingLastPathComponent().appendingPathComponent(name).path
+    }
+
     /// Copies a program file, mode 0755, through a close-on-exec descriptor: a plain copy leaves
     /// its write descriptor open across any fork another thread makes meanwhile, and exec'ing
     /// the copy then fails with ETXTBSY for as long as such a child lives.

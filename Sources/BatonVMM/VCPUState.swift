@@ -192,7 +192,8 @@ public enum StateRegion {
         _ = blob.withUnsafeBytes { memcpy(base + headerBytes, $0.baseAddress!, blob.count) }
         base.storeBytes(of: magic.littleEndian, toByteOffset: 4, as: UInt32.self)
         base.storeBytes(of: XXH64.hash(blob).littleEndian, toByteOffset: 8, as: UInt64.self)
-        atomicFence()
+        // Readers are other processes that look after our death or after a socket round trip,
+        // both of which order these stores; the length goes last so a torn write reads empty.
         base.storeBytes(of: UInt32(blob.count).littleEndian, as: UInt32.self)
     }
 
@@ -206,11 +207,5 @@ public enum StateRegion {
             throw ReadError.corrupt("checksum mismatch")
         }
         do { return try VMState.decode(blob) } catch { throw ReadError.corrupt("\(error)") }
-    }
-
-    static func atomicFence() {
-        // A compiler barrier is enough here: readers are other processes reading after our
-        // death or after a socket round trip, both of which order memory.
-        withExtendedLifetime(0) {}
     }
 }
