@@ -2,6 +2,7 @@ import ArgumentParser
 import BatonAgent
 import BatonController
 import BatonCore
+import BatonHarness
 import BatonSystem
 import BatonTestSupport
 import BatonVMM
@@ -70,14 +71,9 @@ struct DemoCommand: ParsableCommand {
         }
     }
 
-    struct Status: Decodable { let beats: [GuestBeat?]; let pid: Int32; let backend: String? }
-
     func waitBeat(_ client: VMMClient, after counter: UInt64) throws -> GuestBeat {
-        for _ in 0..<500 {
-            if let s = try? client.expectOK("GET", "/api/v1/baton/status").decode(Status.self), let b = s.beats.first ?? nil, b.counter > counter { return b }
-            usleep(20_000)
-        }
-        throw fail("no heartbeat from the guest", .failure)
+        guard let b = client.nextBeat(after: counter, timeout: 10) else { throw fail("no heartbeat from the guest", .failure) }
+        return b
     }
 
     func describe(_ b: GuestBeat) -> String {

@@ -65,12 +65,7 @@ public struct HarnessCase {
     func status(_ client: VMMClient) -> Status? { try? client.expectOK("GET", "/api/v1/baton/status").decode(Status.self) }
 
     func waitBeat(_ client: VMMClient, after counter: UInt64, timeout: Double = 8) -> GuestBeat? {
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if let b = status(client)?.beats.first ?? nil, b.counter > counter { return b }
-            usleep(20_000)
-        }
-        return nil
+        client.nextBeat(after: counter, timeout: timeout)
     }
 
     public func run() -> CaseResult {

@@ -1,4 +1,5 @@
 import BatonController
+import BatonHarness
 import BatonLibvirt
 import BatonSystem
 import BatonTestSupport
@@ -78,11 +79,8 @@ struct LibvirtChTests {
         let client = VMMClient(socketPath: socket)
         struct Status: Decodable { let pid: Int32; let state: String; let beats: [GuestBeat?] }
         func beat(after counter: UInt64) throws -> GuestBeat {
-            for _ in 0..<500 {
-                if let b = try? client.expectOK("GET", "/api/v1/baton/status").decode(Status.self).beats.first ?? nil, b.counter > counter { return b }
-                usleep(20_000)
-            }
-            throw VMMClient.Failure(description: "no heartbeat after \(counter)")
+            guard let b = client.nextBeat(after: counter, timeout: 10) else { throw VMMClient.Failure(description: "no heartbeat after \(counter)") }
+            return b
         }
         var before = try beat(after: 0)
         expectMatchesModel(before, "the guest counts under libvirt")

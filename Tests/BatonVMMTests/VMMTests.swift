@@ -1,4 +1,5 @@
 import BatonController
+import BatonHarness
 import BatonCore
 import BatonSystem
 import BatonTestSupport
@@ -43,11 +44,7 @@ final class RunningVMM {
 
     /// Waits for a heartbeat newer than `after` on vCPU 0.
     func beat(after counter: UInt64 = 0, timeout: Double = 10) throws -> GuestBeat {
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            if let b = try status().beats.first ?? nil, b.counter > counter { return b }
-            usleep(20_000)
-        }
+        if let b = client.nextBeat(after: counter, timeout: timeout) { return b }
         throw VMMClient.Failure(description: "no heartbeat after counter \(counter) within \(timeout) s; log: \(log)")
     }
 
