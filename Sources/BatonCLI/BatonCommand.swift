@@ -41,6 +41,15 @@ extension BatonExit {
     }
 }
 
+/// Where the service and the hook meet by default; `BATON_SOCKET` and `BATON_STATE_DIR`
+/// override them for the hook (libvirt gives it no arguments to say so).
+enum BatonPaths {
+    static let serviceSocket = "/run/baton/serve.sock"
+    static let stateDirectory = "/var/lib/baton"
+    static var environmentStateDirectory: String { ProcessInfo.processInfo.environment["BATON_STATE_DIR"] ?? stateDirectory }
+    static var environmentServiceSocket: String { ProcessInfo.processInfo.environment["BATON_SOCKET"] ?? serviceSocket }
+}
+
 /// Prints one line to stderr: `baton: <what>`.
 func fail(_ message: String, _ exit: BatonExit) -> ExitCode {
     FileHandle.standardError.write(Data("baton: \(message)\n".utf8))

@@ -20,8 +20,8 @@ struct HookCommand: ParsableCommand {
 
     func run() throws {
         let started = Host.monotonicNanoseconds()
-        let stateDirectory = ProcessInfo.processInfo.environment["BATON_STATE_DIR"] ?? "/var/lib/baton"
-        let serveSocket = ProcessInfo.processInfo.environment["BATON_SOCKET"] ?? "/run/baton/serve.sock"
+        let stateDirectory = BatonPaths.environmentStateDirectory
+        let serveSocket = BatonPaths.environmentServiceSocket
         // Read stdin with the budget: libvirt always sends the XML and closes.
         let xml = FileHandle.standardInput.readDataToEndOfFile()
         let request: HookRequest

@@ -11,10 +11,10 @@ struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the Baton service (upgrade requests, hook events, status, metrics).")
 
     @Option(help: "Service socket (its directory is made 0700).")
-    var socket: String = "/run/baton/serve.sock"
+    var socket: String = BatonPaths.serviceSocket
 
     @Option(help: "State directory: journals, hook log and queue, run files.")
-    var state: String = "/var/lib/baton"
+    var state: String = BatonPaths.stateDirectory
 
     @Option(help: "Seconds to wait for running upgrades on shutdown.")
     var drainSeconds: Double = 120
@@ -107,7 +107,7 @@ struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "status", abstract: "Ask `baton serve` for its status (or Prometheus metrics).")
 
     @Option(help: "Service socket.")
-    var socket: String = "/run/baton/serve.sock"
+    var socket: String = BatonPaths.serviceSocket
 
     @Flag(help: "One JSON object.")
     var json = false

@@ -81,7 +81,7 @@ struct UpgradeCommand: ParsableCommand {
             // The handoff record: in the domain's metadata, or, where the driver keeps none
             // (libvirt 9.0's ch driver), in Baton's state directory.
             if let d = domainHandle, (try? d.setMetadata(record.element)) == nil {
-                let state = ProcessInfo.processInfo.environment["BATON_STATE_DIR"] ?? "/var/lib/baton"
+                let state = BatonPaths.environmentStateDirectory
                 let line = "{\"domain\":\"\(d.name)\",\"uuid\":\"\(d.uuid)\",\"record\":\"\(record.element.replacingOccurrences(of: "\"", with: "'"))\"}\n"
                 Host.appendLine(line, to: state + "/handoffs.jsonl")
             }
