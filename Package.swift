@@ -40,13 +40,16 @@ let package = Package(
         .target(name: "BatonLibvirt", dependencies: ["CLibvirt", "BatonController"]),
         // The upgrade sequence, journal, HypervisorControl and its implementations.
         .target(name: "BatonController", dependencies: ["BatonSystem", "BatonCore"]),
+        // QEMU under libvirt: QMP, command-line translation, cpr-transfer / x-ignore-shared
+        // handover, libvirt adopting the new process.
+        .target(name: "BatonQEMU", dependencies: ["BatonSystem", "BatonCore", "BatonController", "BatonLibvirt"]),
         // The handoff harness: fault matrix, load, reports.
         .target(name: "BatonHarness", dependencies: ["BatonController", "BatonVMM", "BatonCore", "BatonSystem", "BatonTestSupport"]),
         // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).
         .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.
         .target(name: "BatonCLI", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt", "BatonQEMU",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -60,7 +63,7 @@ let package = Package(
             "BatonVMM", "BatonController", "BatonHarness", "BatonLibvirt", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
         ]),
         .testTarget(name: "BatonFuzzTests", dependencies: ["BatonCore", "BatonVMM"]),
-        .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonController", "BatonSystem", "BatonTestSupport", "baton"]),
+        .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonQEMU", "BatonController", "BatonSystem", "BatonTestSupport", "baton"]),
         .testTarget(name: "BatonSystemTests", dependencies: ["BatonSystem", "CBatonLinux"]),
         .testTarget(name: "BatonTransferTests", dependencies: [
             "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonCLI", "baton",

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BatonController
 import BatonLibvirt
+import BatonQEMU
 import BatonSystem
 import Foundation
 import Glibc
@@ -19,8 +20,14 @@ struct UpgradeCommand: ParsableCommand {
     @Option(help: "libvirt connection URI for --domain.")
     var connect: String = "qemu:///system"
 
-    @Option(help: "The new batonvmm binary.")
+    @Option(help: "The new hypervisor binary: batonvmm, or for a QEMU domain the new qemu-system-x86_64.")
     var binary: String
+
+    @Flag(help: "QEMU domains: also point the persistent definition's <emulator> at --binary (the next cold boot uses it).")
+    var updateDefinition = false
+
+    @Option(help: "Give up waiting for any one step (QEMU start, migration, libvirtd) after this many seconds.")
+    var timeout: Double = 30
 
     @Option(help: "gift | memfd | copy | auto")
     var transport: String = "auto"
@@ -72,8 +79,11 @@ struct UpgradeCommand: ParsableCommand {
                 // libvirt's ch driver keeps no metadata; its VMM is found by pid, and must be batonvmm.
                 vm = socket
                 chDomain = true
+            } else if connect.hasPrefix("qemu") {
+                // A QEMU domain: QEMU's own migration with guest RAM left in shared memory.
+                return try upgradeQEMU(domain: d.name)
             } else {
-                throw fail("domain \(d.name) does not embed Baton's agent: no <baton:handoff agent=...> in its metadata (a stock QEMU domain cannot hand its RAM over); nothing was paused", .peerRefused)
+                throw fail("domain \(d.name) does not embed Baton's agent (no <baton:handoff agent=...> in its metadata) and \(connect) is not a QEMU driver; nothing was paused", .peerRefused)
             }
             domainHandle = d
         }
@@ -121,6 +131,62 @@ struct UpgradeCommand: ParsableCommand {
     }
 }
 
+extension UpgradeCommand {
+    func upgradeQEMU(domain: String) throws {
+        guard service == nil else { throw fail("--service is not supported for QEMU domains yet; run the upgrade here", .usage) }
+        var options = QEMUUpgradeOptions(domain: domain, newEmulator: binary)
+        options.uri = connect
+        options.journalPath = journal
+        options.runDirectory = runDirectory
+        options.updateDefinition = updateDefinition
+        options.timeoutSeconds = timeout
+        if let text = ProcessInfo.processInfo.environment["BATON_CONTROLLER_FAULT"] {
+            guard let fault = ControllerFault(parsing: text) else { throw fail("BATON_CONTROLLER_FAULT: '\(text)' is not ACTION:PHASE", .usage) }
+            options.fault = fault
+        }
+        let upgrade = QEMUUpgrade(options: options)
+        do {
+            let report = try upgrade.run()
+            if json { printJSON(report) } else { print(report.line) }
+        } catch let error as QEMUUpgradeError {
+            if json { printJSON(upgrade.report) }
+            throw fail(error.description, BatonExit.forQEMU(error))
+        } catch let crash as ControllerCrashed {
+            throw fail("\(crash)", .failure)
+        }
+    }
+}
+
+extension BatonExit {
+    static func forQEMU(_ error: QEMUUpgradeError) -> BatonExit {
+        switch error {
+        case .refused, .unsupported: .peerRefused
+        case .rolledBack: .handoffRolledBack
+        case .integrity: .integrity
+        case .rollForwardIncomplete: .failure
+        }
+    }
+}
+
+/// `baton qemu-exec`: the two stages that start a new QEMU inside the old one's cgroups and
+/// mount namespace, re-parented to init (QEMULauncher). Not for people.
+struct QEMUExecCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "qemu-exec", abstract: "internal: start a QEMU in another QEMU's cgroups and mount namespace", shouldDisplay: false)
+    @Option var cgroupsOf: Int32
+    @Option var pidFile: String?
+    @Option var keepFds: String = ""
+    @Flag var stageTwo = false
+    @Argument(parsing: .captureForPassthrough) var argv: [String] = []
+
+    func run() throws {
+        let args = argv.first == "--" ? Array(argv.dropFirst()) : argv
+        guard !args.isEmpty else { throw fail("qemu-exec: no command", .usage) }
+        if stageTwo { try QEMULauncher.stageTwo(cgroupsOf: cgroupsOf, argv: args) }
+        guard let pidFile else { throw fail("qemu-exec: --pid-file is required", .usage) }
+        try QEMULauncher.stageOne(cgroupsOf: cgroupsOf, pidFile: pidFile, keep: keepFds.split(separator: ",").compactMap { Int32($0) }, argv: args)
+    }
+}
+
 struct RecoverCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "recover",
@@ -130,6 +196,11 @@ struct RecoverCommand: ParsableCommand {
     var journal: String
 
     func run() throws {
+        let entries = try UpgradeJournal.read(path: journal)
+        if entries.contains(where: { $0.context != nil }) {
+            print("baton: \(try QEMURecovery.recover(entries: entries, journal: UpgradeJournal(path: journal)))")
+            return
+        }
         let outcome = try UpgradeRecovery.recover(journalPath: journal)
         print("baton: \(outcome)")
     }

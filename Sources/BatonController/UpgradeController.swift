@@ -91,6 +91,10 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
 public struct ControllerCrashed: Error, CustomStringConvertible {
     public let phase: UpgradeJournal.Phase
     public let journalPath: String
+    public init(phase: UpgradeJournal.Phase, journalPath: String) {
+        self.phase = phase
+        self.journalPath = journalPath
+    }
     public var description: String { "controller crashed (injected) after \(phase.rawValue); journal \(journalPath)" }
 }
 

@@ -6,7 +6,7 @@ import Glibc
 /// effects begin, so `baton recover` can finish (after commit) or roll back (before it).
 public final class UpgradeJournal: @unchecked Sendable {
     public enum Phase: String, Codable, Sendable {
-        case started, newInstanceReady, prepared, paused, transferred, committing, committed, resumed, rolledBack, done
+        case started, newInstanceReady, prepared, paused, transferred, committing, committed, resumed, adopted, rolledBack, done
     }
 
     public struct Entry: Codable, Sendable {
@@ -16,8 +16,12 @@ public final class UpgradeJournal: @unchecked Sendable {
         public var oldPid: Int32?
         public var newPid: Int32?
         public var note: String?
+        /// The hypervisor's own record of the handoff (JSON), for recovery: what a QEMU
+        /// upgrade changed on the host (socket paths, libvirtd's command line, ...).
+        public var context: String?
 
-        public init(phase: Phase, atMonotonicNs: UInt64, vm: String, oldPid: Int32?, newPid: Int32?, note: String? = nil) {
+        public init(phase: Phase, atMonotonicNs: UInt64, vm: String, oldPid: Int32?, newPid: Int32?, note: String? = nil, context: String? = nil) {
+            self.context = context
             self.phase = phase
             self.atMonotonicNs = atMonotonicNs
             self.vm = vm

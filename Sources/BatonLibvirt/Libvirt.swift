@@ -71,6 +71,23 @@ public final class LibvirtConnection: @unchecked Sendable {
         return try domain(named: nameOrUUID)
     }
 
+    /// libvirt's domain capabilities for one emulator binary. libvirt probes the binary (and
+    /// caches what it found) if it has not yet; fails if it cannot run `machine`.
+    public func domainCapabilities(emulator: String, arch: String = "x86_64", machine: String?, virtType: String) throws -> String {
+        guard let x = virConnectGetDomainCapabilities(handle, emulator, arch, machine, virtType, 0) else {
+            throw LibvirtError.last("virConnectGetDomainCapabilities(\(emulator), \(machine ?? "default"))")
+        }
+        defer { free(x) }
+        return String(cString: x)
+    }
+
+    /// Defines (or redefines) a persistent domain from `xml`.
+    @discardableResult
+    public func define(xml: String) throws -> LibvirtDomain {
+        guard let d = virDomainDefineXML(handle, xml) else { throw LibvirtError.last("virDomainDefineXML") }
+        return LibvirtDomain(handle: d, connection: self)
+    }
+
     public func defineAndStart(xml: String) throws -> LibvirtDomain {
         guard let d = virDomainDefineXML(handle, xml) else { throw LibvirtError.last("virDomainDefineXML") }
         let domain = LibvirtDomain(handle: d, connection: self)
@@ -118,6 +135,15 @@ public final class LibvirtDomain: @unchecked Sendable {
         }
         return (s, reason)
     }
+
+    /// The persistent definition (what the next cold boot uses).
+    public func inactiveXML() throws -> String {
+        guard let x = virDomainGetXMLDesc(handle, UInt32(VIR_DOMAIN_XML_INACTIVE.rawValue)) else { throw LibvirtError.last("virDomainGetXMLDesc(\(name), INACTIVE)") }
+        defer { free(x) }
+        return String(cString: x)
+    }
+
+    public var isPersistent: Bool { virDomainIsPersistent(handle) == 1 }
 
     public func xml() throws -> String {
         guard let x = virDomainGetXMLDesc(handle, 0) else { throw LibvirtError.last("virDomainGetXMLDesc(\(name))") }

@@ -158,3 +158,31 @@ public final class UnixListener: @unchecked Sendable {
 /// accept(2) with SOCK_CLOEXEC set atomically: a descriptor accepted just before an exec must
 /// not leak into the new image (where nobody would answer it). -1 and errno on failure.
 public func acceptCloseOnExec(_ listener: Int32) -> Int32 { cbaton_accept_cloexec(listener) }
+
+extension UnixSocket {
+    /// The path a Unix socket descriptor is bound to (getsockname), or nil if it has none.
+    public static func boundPath(of fd: Int32) -> String? {
+        var address = sockaddr_un()
+        var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+        let rc = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        guard rc == 0, address.sun_family == sa_family_t(AF_UNIX) else { return nil }
+        let path = withUnsafeBytes(of: &address.sun_path) { raw -> String in
+            let bytes = raw.prefix(max(0, Int(length) - 2))
+            return String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        return path.hasPrefix("/") ? path : nil
+    }
+
+    /// Whether some process listens on the Unix socket at `path` (from /proc/net/unix, without
+    /// connecting: a probing connect would be taken as a real client by some servers).
+    public static func isListening(path: String) -> Bool {
+        guard let table = try? String(contentsOfFile: "/proc/net/unix", encoding: .utf8) else { return false }
+        for line in table.split(separator: "\n").dropFirst() {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            if f.count >= 8, f.last.map(String.init) == path, let flags = Int(f[3], radix: 16), flags & 0x10000 != 0 { return true }
+        }
+        return false
+    }
+}

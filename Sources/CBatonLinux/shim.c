@@ -128,3 +128,33 @@ int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *c
 }
 
 int cbaton_name_current_thread(const char *name) { return pthread_setname_np(pthread_self(), name); }
+
+#include <sys/syscall.h>
+#include <sched.h>
+int cbaton_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+int cbaton_pidfd_getfd(int pidfd, int fd) { return (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0); }
+int cbaton_setns_mount(int fd) { return setns(fd, CLONE_NEWNS); }
+
+int cbaton_spawn_with_fds(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd,
+                          const int *from, const int *to, int count) {
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attr;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
+    posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
+    for (int i = 0; i < count; i++) posix_spawn_file_actions_adddup2(&actions, from[i], to[i]);
+    posix_spawnattr_init(&attr);
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setsigdefault(&attr, &all);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t child = 0;
+    int rc = posix_spawn(&child, path, &actions, &attr, argv, envp ? envp : environ);
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+    *pid = child;
+    return rc;
+}

@@ -42,4 +42,13 @@ int cbaton_pipe2_cloexec(int fds[2]);
 int cbaton_accept_cloexec(int sock);
 /* posix_spawn of `path` in a new session (POSIX_SPAWN_SETSID), stdout+stderr to log_fd. */
 int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd);
+/* pidfd_open(2) + pidfd_getfd(2): a duplicate of descriptor `fd` of process `pid`, or -1. */
+int cbaton_pidfd_open(pid_t pid);
+int cbaton_pidfd_getfd(int pidfd, int fd);
+/* setns(2) with CLONE_NEWNS: join the mount namespace open at `fd`. */
+int cbaton_setns_mount(int fd);
+/* posix_spawn in a new session with descriptors `from[i]` placed at `to[i]` (and nothing else
+ * above stdio, which is /dev/null in and `log_fd` out). */
+int cbaton_spawn_with_fds(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd,
+                          const int *from, const int *to, int count);
 #endif

@@ -1,0 +1,132 @@
+import BatonController
+import BatonLibvirt
+import BatonSystem
+import Foundation
+import Glibc
+
+/// The two ways a QEMU handoff can end other than cleanly, used by the live sequence and by
+/// `baton recover` alike: back to the old QEMU (only before the new one ran the guest) or
+/// forward to the new one (after).
+public enum QEMURecovery {
+    /// Kill the new QEMU, give the old one its socket paths back, resume it if it is stopped,
+    /// start libvirtd. Returns the old QEMU's run state as observed afterwards.
+    @discardableResult
+    public static func rollBack(record: QEMUHandoffRecord, oldMonitor: QMPConnection?, newMonitor: QMPConnection?) -> String {
+        if let newPid = record.newPid, newPid != record.oldPid { killAndWait(newPid) }
+        for (path, kept) in record.movedSockets where FileManager.default.fileExists(atPath: kept) {
+            rename(kept, path)
+        }
+        var observed = "unreachable"
+        if Host.isAlive(record.oldPid), let monitor = oldMonitor ?? (try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5)) {
+            if let s = try? monitor.query("query-status", as: QEMURunState.self), !s.running {
+                _ = try? monitor.execute("cont")
+            }
+            observed = (try? monitor.query("query-status", as: QEMURunState.self).status) ?? "unreachable"
+        } else if !Host.isAlive(record.oldPid) {
+            observed = "gone"
+        }
+        _ = try? record.libvirtd.start(uri: record.uri)
+        return "running the guest: \(observed)"
+    }
+
+    /// Fence the old QEMU, make libvirt's status file describe the new one, start libvirtd
+    /// (its reconnect adopts the new QEMU), and check that libvirt sees the domain running.
+    public static func rollForward(record: QEMUHandoffRecord, newVCPUs: [Int: Int32]) throws {
+        guard let newPid = record.newPid, Host.isAlive(newPid) else {
+            throw QEMUUpgradeError.rollForwardIncomplete("the new QEMU (pid \(record.newPid ?? 0)) is not running")
+        }
+        let statusText: String
+        do { statusText = try String(contentsOfFile: record.statusFile, encoding: .utf8) } catch {
+            throw QEMUUpgradeError.rollForwardIncomplete("cannot read \(record.statusFile): \(error)")
+        }
+        let status = LibvirtStatusFile(xml: statusText)
+        var vcpus = newVCPUs
+        if vcpus.isEmpty, let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5) {
+            vcpus = Dictionary(uniqueKeysWithValues: ((try? m.query("query-cpus-fast", as: [QEMUCPU].self)) ?? []).map { ($0.cpuIndex, $0.threadId) })
+        }
+        // vCPU threads into the cgroups libvirt made for them (read from the old threads while
+        // they still exist; libvirt's pinning and quotas apply per vCPU cgroup).
+        let oldThreads = status.vcpuThreads
+        for (index, tid) in vcpus {
+            if let oldTid = oldThreads[index], let membership = try? CgroupMembership.of(pid: record.oldPid, tid: oldTid) {
+                try? membership.apply(to: tid, wholeProcess: false)
+            }
+        }
+        // SIGKILL, never a clean exit: QEMU unlinks the paths of its listening sockets when it
+        // exits cleanly, and those paths now belong to the new QEMU.
+        if record.oldPid != newPid { killAndWait(record.oldPid) }
+        for kept in record.movedSockets.values { unlink(kept) }
+        if status.pid != newPid {
+            let rewritten = try status.rewritten(pid: newPid, vcpus: vcpus, emulator: record.newEmulator, flags: record.newCapabilityFlags)
+            try writeAtomically(rewritten.xml, to: record.statusFile)
+            try writeAtomically("\(newPid)", to: (record.statusFile as NSString).deletingPathExtension + ".pid")
+        }
+        try record.libvirtd.start(uri: record.uri)
+        let deadline = Date().addingTimeInterval(30)
+        while true {
+            if let c = try? LibvirtConnection(uri: record.uri), let d = try? c.domain(record.domain), let s = try? d.state().state {
+                if s == .running { return }
+                if s == .shutoff || s == .crashed { throw QEMUUpgradeError.rollForwardIncomplete("libvirt reports \(record.domain) \(s.rawValue) after adopting pid \(newPid)") }
+            }
+            guard Date() < deadline else { throw QEMUUpgradeError.rollForwardIncomplete("libvirt did not report \(record.domain) running after adopting pid \(newPid)") }
+            usleep(20_000)
+        }
+    }
+
+    /// Points the persistent definition's `<emulator>` at the new binary (the next cold boot
+    /// uses it). Returns whether the definition changed.
+    public static func updateDefinition(record: QEMUHandoffRecord) -> Bool {
+        guard let c = try? LibvirtConnection(uri: record.uri), let d = try? c.domain(record.domain), d.isPersistent,
+              let xml = try? d.inactiveXML() else { return false }
+        let updated = xml.replacing(#/<emulator>[^<]*</emulator>/#, with: "<emulator>\(record.newEmulator)</emulator>")
+        guard updated != xml else { return false }
+        return (try? c.define(xml: updated)) != nil
+    }
+
+    /// `baton recover` for a QEMU journal: forward if `committing` was reached and the new QEMU
+    /// lives, back otherwise.
+    public static func recover(entries: [UpgradeJournal.Entry], journal: UpgradeJournal) throws -> String {
+        guard let context = entries.last(where: { $0.context != nil })?.context, let record = QEMUHandoffRecord.decode(context) else {
+            return "journal has no QEMU handoff record: nothing to do"
+        }
+        let phases = Set(entries.map(\.phase))
+        if phases.contains(.done) || phases.contains(.rolledBack) { return "upgrade of \(record.domain) already finished" }
+        func note(_ phase: UpgradeJournal.Phase, _ text: String) {
+            try? journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: record.domain, oldPid: record.oldPid, newPid: record.newPid, note: text, context: context))
+        }
+        if phases.contains(.committing), let newPid = record.newPid, Host.isAlive(newPid) {
+            // The new QEMU may have been stopped at the state load: run it, then finish.
+            if let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5),
+               let s = try? m.query("query-status", as: QEMURunState.self), !s.running, s.status == "paused" {
+                _ = try? m.execute("cont")
+            }
+            try rollForward(record: record, newVCPUs: [:])
+            note(.done, "recovered forward")
+            return "rolled forward: the new QEMU (pid \(newPid)) runs \(record.domain), libvirt adopted it"
+        }
+        let observed = rollBack(record: record, oldMonitor: nil, newMonitor: nil)
+        note(.rolledBack, "recovered back")
+        return "rolled back: the old QEMU (pid \(record.oldPid)) \(observed)"
+    }
+
+    static func killAndWait(_ pid: pid_t) {
+        kill(pid, SIGKILL)
+        let deadline = Date().addingTimeInterval(10)
+        while Host.isAlive(pid) && Date() < deadline { usleep(2_000) }
+    }
+
+    static func writeAtomically(_ text: String, to path: String) throws {
+        let tmp = path + ".baton-tmp"
+        let fd = try checkedCall("open(\(tmp))") { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600) }
+        let bytes = Array(text.utf8)
+        var done = 0
+        while done < bytes.count {
+            let n = bytes[done...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            guard n > 0 else { close(fd); throw SyscallError("write(\(tmp))", errno: errno) }
+            done += n
+        }
+        fsync(fd)
+        close(fd)
+        _ = try checkedCall("rename(\(tmp) → \(path))") { rename(tmp, path) }
+    }
+}

@@ -1,0 +1,415 @@
+import BatonController
+import BatonCore
+import BatonLibvirt
+import BatonSystem
+import Foundation
+import Glibc
+
+/// What `baton upgrade --domain` reports for a QEMU domain (`--json`).
+public struct QEMUUpgradeReport: Codable, Sendable {
+    public struct Breakdown: Codable, Sendable {
+        /// Old QEMU's `migrate` issued → migration `completed` (includes the device-state copy).
+        public var migrationMs = 0.0
+        /// Device sets and RAM samples compared, the new QEMU seen paused with the state loaded.
+        public var verifyMs = 0.0
+        /// `cont` on the new QEMU → it reports running.
+        public var resumeMs = 0.0
+    }
+    public var domain: String
+    public var mode: String = ""
+    public var oldPid: Int32 = 0
+    public var newPid: Int32 = 0
+    public var oldVersion: String = ""
+    public var newVersion: String = ""
+    public var newEmulator: String = ""
+    /// Guest stopped in the old QEMU → running in the new one (QEMU's STOP and RESUME event
+    /// timestamps; the guest's own view of the pause).
+    public var pauseMs = 0.0
+    public var breakdown = Breakdown()
+    /// The same pause on the controller's monotonic clock (migrate issued → cont returned).
+    public var controllerPauseMs = 0.0
+    public var ramBytesMoved: Int64 = 0
+    public var ramPages = "shared"
+    public var verified = false
+    public var rolledBack = false
+    /// How long libvirtd was down for the adoption (the host's libvirt API, not the guest).
+    public var managementGapMs = 0.0
+    public var argvChanges: [String] = []
+    public var definitionUpdated = false
+    public var error: String?
+    /// What was observed after a rollback (not assumed): the old QEMU's run state.
+    public var observedAfterRollback: String?
+
+    public init(domain: String) { self.domain = domain }
+
+    public var line: String {
+        if rolledBack { return "baton: upgrade of \(domain) ROLLED BACK (old QEMU pid \(oldPid) \(observedAfterRollback ?? "state unknown")): \(error ?? "")" }
+        return String(format: "baton: upgraded %@ QEMU %@ → %@ (pid %d → %d) via %@: pause %.2f ms (migration %.2f, verify %.2f, resume %.2f), %lld bytes of RAM moved, verified %@, libvirt gap %.0f ms",
+                      domain, oldVersion, newVersion, oldPid, newPid, mode, pauseMs, breakdown.migrationMs, breakdown.verifyMs, breakdown.resumeMs,
+                      ramBytesMoved, verified ? "yes" : "no", managementGapMs)
+    }
+}
+
+public struct QEMUUpgradeOptions: Sendable {
+    public var domain: String
+    public var uri = "qemu:///system"
+    public var newEmulator: String
+    public var runDirectory = UpgradeOptions.defaultRunDirectory
+    public var journalPath: String?
+    public var libvirtStateDirectory = "/run/libvirt/qemu"
+    public var libvirtdPidFile = "/run/libvirtd.pid"
+    public var updateDefinition = false
+    /// The executable that places the new QEMU in the old one's cgroups and mount namespace
+    /// (`baton qemu-exec`); default: this process's own binary.
+    public var launcher = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "baton"
+    public var timeoutSeconds = 30.0
+    /// A controller fault point (tests and the harness): kill-new-after / kill-old-after /
+    /// crash-controller-after a journaled phase.
+    public var fault: ControllerFault?
+
+    public init(domain: String, newEmulator: String) {
+        self.domain = domain
+        self.newEmulator = newEmulator
+    }
+}
+
+/// Upgrades the QEMU under one running libvirt domain whose guest RAM is shared memory:
+/// preflight, start the new QEMU beside the old one (its cgroups and mount namespace, libvirt's
+/// command line translated), migrate with RAM left in place (cpr-transfer or x-ignore-shared),
+/// verify, resume the new process, fence the old one, and have libvirt adopt the new process by
+/// restarting libvirtd on a status file that describes it. Before the new QEMU runs the guest,
+/// every failure rolls back; after it, the sequence only goes forward.
+public final class QEMUUpgrade {
+    public let options: QEMUUpgradeOptions
+    public private(set) var report: QEMUUpgradeReport
+    var record: QEMUHandoffRecord!
+    var journal: UpgradeJournal!
+    var oldCommandLine: QEMUCommandLine!
+    var newVersion: QEMUVersion!
+    var oldMonitor: QMPConnection?
+    var newMonitor: QMPConnection?
+    var ramFD: FileDescriptor?
+    var ramFDNumber: Int32 = 0
+    var logFD: FileDescriptor?
+    var movedListeners: [String: UnixListener] = [:]
+    var passedSockets: [Int32: FileDescriptor] = [:]
+    var libvirtdStoppedAt: UInt64?
+
+    public init(options: QEMUUpgradeOptions) {
+        self.options = options
+        report = QEMUUpgradeReport(domain: options.domain)
+    }
+
+    // MARK: - Preflight: nothing is started or paused until all of this holds.
+
+    func preflight() throws {
+        let connection: LibvirtConnection
+        let domain: LibvirtDomain
+        do {
+            connection = try LibvirtConnection(uri: options.uri)
+            domain = try connection.domain(options.domain)
+        } catch { throw QEMUUpgradeError.refused("\(error)") }
+        let state = try domain.state().state
+        guard state == .running else { throw QEMUUpgradeError.refused("domain \(domain.name) is \(state.rawValue), not running") }
+        let statusPath = "\(options.libvirtStateDirectory)/\(domain.name).xml"
+        guard let statusText = try? String(contentsOfFile: statusPath, encoding: .utf8) else {
+            throw QEMUUpgradeError.refused("libvirt's status file \(statusPath) cannot be read (is \(options.uri) a local QEMU driver?)")
+        }
+        let status = LibvirtStatusFile(xml: statusText)
+        guard let oldPid = status.pid, Host.isAlive(oldPid), let monitorPath = status.monitorPath else {
+            throw QEMUUpgradeError.refused("libvirt's status file \(statusPath) names no live QEMU pid and monitor")
+        }
+        report.oldPid = oldPid
+        let cmd = QEMUCommandLine(try ProcessHandles.commandLine(of: oldPid))
+        oldCommandLine = cmd
+        // Guest RAM must be shared memory the new process can map.
+        let backends = cmd.ramBackends
+        guard backends.count == 1, let ram = backends.first else {
+            throw QEMUUpgradeError.unsupported(backends.isEmpty
+                ? "domain \(domain.name) has private guest RAM (no shared memory backend): run `baton enroll \(domain.name)` and cold-boot it, or pass --allow-copy"
+                : "domain \(domain.name) has \(backends.count) memory backends (NUMA); one is supported")
+        }
+        guard ram.shared else {
+            throw QEMUUpgradeError.unsupported("domain \(domain.name)'s guest RAM is not shared (<access mode='shared'/>): run `baton enroll \(domain.name)` and cold-boot it")
+        }
+        switch ram {
+        case .memfd:
+            let memfds = ProcessHandles.descriptors(of: oldPid).filter { $0.value.hasPrefix("/memfd:memory-backend-memfd") }
+            guard memfds.count == 1, let n = memfds.keys.first else {
+                throw QEMUUpgradeError.unsupported("found \(memfds.count) guest RAM memfds in QEMU pid \(oldPid), expected 1")
+            }
+            ramFDNumber = n
+        case .inheritedFile(_, let fd, _): ramFDNumber = fd
+        case .other(_, let type, _): throw QEMUUpgradeError.unsupported("guest RAM backend \(type) cannot be carried over (memfd only)")
+        }
+        guard cmd.monitorSocket != nil else { throw QEMUUpgradeError.unsupported("QEMU pid \(oldPid) has no monitor socket passed by libvirt") }
+        // The old and the new binary: versions, the machine type, every device.
+        let oldVersion = try Self.version(of: "/proc/\(oldPid)/exe")
+        report.oldVersion = oldVersion.description
+        report.newEmulator = options.newEmulator
+        guard access(options.newEmulator, X_OK) == 0 else {
+            throw QEMUUpgradeError.refused("new QEMU \(options.newEmulator) is \(access(options.newEmulator, F_OK) == 0 ? "not executable" : "missing")")
+        }
+        let probe = try QEMUProbe.run(options.newEmulator, runDirectory: options.runDirectory, timeoutSeconds: options.timeoutSeconds)
+        newVersion = probe.version
+        report.newVersion = probe.version.description
+        if let machine = cmd.machineType, !probe.machines.contains(machine) {
+            throw QEMUUpgradeError.refused("new QEMU \(probe.version) does not support machine type \(machine)")
+        }
+        let missing = Set(cmd.deviceDrivers).subtracting(probe.deviceTypes)
+        guard missing.isEmpty else { throw QEMUUpgradeError.refused("new QEMU \(probe.version) lacks device(s) \(missing.sorted().joined(separator: ", "))") }
+        let virtType = cmd.values(of: "-accel").first == "kvm" ? "kvm" : "qemu"
+        do { _ = try connection.domainCapabilities(emulator: options.newEmulator, machine: cmd.machineType, virtType: virtType) } catch {
+            throw QEMUUpgradeError.refused("libvirt cannot drive \(options.newEmulator): \(error)")
+        }
+        guard let flags = LibvirtCapabilityCache.flags(for: options.newEmulator) else {
+            throw QEMUUpgradeError.refused("libvirt has no cached capabilities for \(options.newEmulator) (it must probe the binary before it can adopt it)")
+        }
+        let auxShared = (cmd.values(of: "-machine").first ?? "").contains("aux-ram-share=on")
+        let mode: QEMUHandoffMode = oldVersion.qemu.major >= 10 && probe.version.qemu.major >= 10 && auxShared ? .cprTransfer : .ignoreShared
+        report.mode = mode.rawValue
+        let daemon = try LibvirtDaemon.running(pidFile: options.libvirtdPidFile)
+        record = QEMUHandoffRecord(domain: domain.name, uri: options.uri, statusFile: statusPath, monitorPath: monitorPath, oldPid: oldPid,
+                                   oldEmulator: cmd.emulator, newEmulator: options.newEmulator, mode: mode, libvirtd: daemon,
+                                   newCapabilityFlags: flags, updateDefinition: options.updateDefinition)
+    }
+
+    static func version(of binary: String) throws -> QEMUVersion {
+        let out = try Self.capture(binary, ["--version"])
+        guard let m = out.firstMatch(of: #/version (\d+)\.(\d+)\.(\d+)/#), let a = Int(m.1), let b = Int(m.2), let c = Int(m.3) else {
+            throw QEMUUpgradeError.refused("\(binary) --version printed no QEMU version: \(out.split(separator: "\n").first ?? "")")
+        }
+        return QEMUVersion(major: a, minor: b, micro: c)
+    }
+
+    static func capture(_ binary: String, _ args: [String]) throws -> String {
+        let log = NSTemporaryDirectory() + "baton-capture-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { unlink(log) }
+        let pid = try Spawn.detached(binary, args, logPath: log)
+        let status = Spawn.wait(pid)
+        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        guard status == 0 else { throw QEMUUpgradeError.refused("\(binary) \(args.joined(separator: " ")) exited with status \(status): \(text.split(separator: "\n").last ?? "")") }
+        return text
+    }
+
+    // MARK: - The sequence
+
+    func log(_ phase: UpgradeJournal.Phase, note: String? = nil, durable: Bool = true) throws {
+        try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
+                                 newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: record.json), durable: durable)
+        guard let fault = options.fault, fault.phase == phase else { return }
+        switch fault.action {
+        case .killNew: if report.newPid > 0 { kill(report.newPid, SIGKILL) }
+        case .killOld: kill(report.oldPid, SIGKILL)
+        case .crash: throw ControllerCrashed(phase: phase, journalPath: journal.path)
+        }
+    }
+
+    public func run() throws -> QEMUUpgradeReport {
+        try QEMUHost.makePrivateDirectory(options.runDirectory)
+        try preflight()
+        journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-qemu-\(record.domain)-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")
+        try log(.started)
+        var committed = false
+        do {
+            try startNewQEMU()
+            try log(.newInstanceReady)
+            try handOver()
+            committed = true
+            try finishForward()
+            return report
+        } catch let crash as ControllerCrashed {
+            throw crash
+        } catch {
+            if committed {
+                report.error = "\(error)"
+                throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
+            }
+            report.observedAfterRollback = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor)
+            report.rolledBack = true
+            report.error = "\(error)"
+            report.managementGapMs = libvirtdStoppedAt.map { Double(Host.monotonicNanoseconds() - $0) / 1e6 } ?? 0
+            try? log(.rolledBack, note: "\(error)")
+            if case QEMUUpgradeError.integrity(let why) = error { throw QEMUUpgradeError.integrity(why) }
+            if case QEMUUpgradeError.refused = error { throw error }
+            if case QEMUUpgradeError.unsupported = error { throw error }
+            throw QEMUUpgradeError.rolledBack("\(error)")
+        }
+    }
+
+    /// Before the pause: libvirtd steps aside, the new QEMU starts with the old one's sockets,
+    /// RAM and log, and is ready to receive.
+    func startNewQEMU() throws {
+        let oldPid = record.oldPid
+        // Descriptors the new QEMU needs at the numbers its command line names.
+        ramFD = try ProcessHandles.duplicate(fd: ramFDNumber, of: oldPid)
+        logFD = try ProcessHandles.duplicate(fd: 2, of: oldPid)  // the virtlogd pipe
+        for socket in oldCommandLine.passedSockets {
+            passedSockets[socket.fd] = try ProcessHandles.duplicate(fd: socket.fd, of: oldPid)
+        }
+        // libvirtd holds the old QEMU's monitor; it must let go before Baton can drive QMP,
+        // and it must not see the old QEMU die. It adopts the new one when it starts again.
+        libvirtdStoppedAt = Host.monotonicNanoseconds()
+        try record.libvirtd.stop()
+        try log(.prepared, note: "libvirtd stopped")
+        oldMonitor = try QMPConnection(path: record.monitorPath, timeoutSeconds: 10)
+        // Each listening socket the old QEMU got from libvirt gets a fresh twin at the same
+        // path (atomic rename): clients connected to the old QEMU stay there, every new client
+        // (libvirtd's monitor connection above all) reaches the new one. The old inode is kept
+        // under a second name for a rollback. (Sharing one listening socket would let either
+        // process accept libvirtd.)
+        var descriptors: [Int32: Int32] = [:]
+        for (number, fd) in passedSockets {
+            if let path = UnixSocket.boundPath(of: fd.raw), FileManager.default.fileExists(atPath: path) {
+                let kept = path + ".baton-old"
+                unlink(kept)
+                _ = try checkedCall("link(\(path) → \(kept))") { link(path, kept) }
+                record.movedSockets[path] = kept
+                try log(.prepared, note: "moving \(path)")
+                var st = stat()
+                let mode = lstat(kept, &st) == 0 ? st.st_mode & 0o7777 : 0o600
+                let listener = try UnixListener(path: path)
+                chmod(path, mode)  // as libvirt made it (a serial console may be shared with a group)
+                movedListeners[path] = listener
+                descriptors[number] = listener.fd.raw
+            } else {
+                descriptors[number] = fd.raw
+            }
+        }
+        if case .memfd = oldCommandLine.ramBackends.first {
+            ramFDNumber = (oldCommandLine.passedSockets.map(\.fd).max() ?? 2) + 1
+        }
+        descriptors[ramFDNumber] = ramFD!.raw
+        let incoming: QEMUCommandLine.Incoming
+        let cprMain = "\(options.runDirectory)/\(record.domain)-main.sock", cprChannel = "\(options.runDirectory)/\(record.domain)-cpr.sock"
+        switch record.mode {
+        case .cprTransfer:
+            unlink(cprMain); unlink(cprChannel)
+            incoming = .cprTransfer(mainPath: cprMain, cprPath: cprChannel)
+        case .ignoreShared: incoming = .deferred
+        }
+        let (newCommandLine, changes) = try oldCommandLine.translated(newEmulator: options.newEmulator, newVersion: newVersion, ramFD: ramFDNumber, incoming: incoming)
+        report.argvChanges = changes
+        let newPid = try QEMULauncher.launch(newCommandLine.arguments, descriptors: descriptors, output: logFD!.raw,
+                                             intoCgroupsAndNamespaceOf: oldPid, launcher: options.launcher, runDirectory: options.runDirectory)
+        report.newPid = newPid
+        record.newPid = newPid
+        try log(.newInstanceReady)
+        switch record.mode {
+        case .ignoreShared:
+            newMonitor = try waitForMonitor(of: newPid)
+            let caps = MigrationCapabilities(capabilities: [.init(capability: "x-ignore-shared", state: true), .init(capability: "events", state: true)])
+            try oldMonitor!.execute("migrate-set-capabilities", arguments: caps)
+            try newMonitor!.execute("migrate-set-capabilities", arguments: caps)
+            try newMonitor!.execute("migrate-incoming", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
+        case .cprTransfer:
+            // The new QEMU reads the CPR state before it opens its monitor; wait until it
+            // listens on the cpr channel (a probing connect would be taken as the channel).
+            let deadline = Date().addingTimeInterval(options.timeoutSeconds)
+            while !UnixSocket.isListening(path: cprChannel) {
+                guard Host.isAlive(newPid) else { throw QEMUUpgradeError.rolledBack("the new QEMU (pid \(newPid)) exited at start: \(QEMUHost.logTail(domain: record.domain))") }
+                guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not listen on its cpr channel within \(options.timeoutSeconds) s") }
+                usleep(1_000)
+            }
+            try oldMonitor!.execute("migrate-set-capabilities", arguments: MigrationCapabilities(capabilities: [.init(capability: "events", state: true)]))
+            try oldMonitor!.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+        }
+    }
+
+    struct MigrationCapabilities: Encodable {
+        struct Capability: Encodable { let capability: String; let state: Bool }
+        let capabilities: [Capability]
+    }
+
+    struct MigrateChannels: Encodable {
+        struct Address: Encodable { let transport = "socket"; let type = "unix"; let path: String }
+        struct Channel: Encodable {
+            let channelType: String
+            let addr: Address
+            enum CodingKeys: String, CodingKey { case channelType = "channel-type", addr }
+        }
+        let channels: [Channel]
+    }
+
+    func waitForMonitor(of pid: pid_t) throws -> QMPConnection {
+        // The old QEMU's monitor is held by this controller, so a connection to the path can
+        // only be the new QEMU's (its twin listener).
+        let deadline = Date().addingTimeInterval(options.timeoutSeconds)
+        while true {
+            guard Host.isAlive(pid) else { throw QEMUUpgradeError.rolledBack("the new QEMU (pid \(pid)) exited: \(QEMUHost.logTail(domain: record.domain))") }
+            if let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 0.5, commandTimeoutSeconds: options.timeoutSeconds) { return m }
+            guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU's monitor did not answer within \(options.timeoutSeconds) s") }
+        }
+    }
+
+    /// The pause: migrate (live: the guest stops only for the final device-state copy), verify,
+    /// and resume the new QEMU. Journals `committing` before the new QEMU runs the guest.
+    func handOver() throws {
+        let old = oldMonitor!
+        let start = Host.monotonicNanoseconds()
+        try log(.paused, note: "migrate", durable: false)
+        switch record.mode {
+        case .ignoreShared:
+            try old.execute("migrate", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
+        case .cprTransfer:
+            let main = MigrateChannels.Channel(channelType: "main", addr: .init(path: "\(options.runDirectory)/\(record.domain)-main.sock"))
+            let cpr = MigrateChannels.Channel(channelType: "cpr", addr: .init(path: "\(options.runDirectory)/\(record.domain)-cpr.sock"))
+            try old.execute("migrate", arguments: MigrateChannels(channels: [main, cpr]))
+        }
+        var info: QEMUMigrationInfo
+        let deadline = Date().addingTimeInterval(options.timeoutSeconds)
+        while true {
+            info = try old.query("query-migrate", as: QEMUMigrationInfo.self)
+            if ["completed", "failed", "cancelled"].contains(info.status ?? "") { break }
+            guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("migration did not complete within \(options.timeoutSeconds) s (status \(info.status ?? "?"))") }
+            usleep(200)
+        }
+        let migrated = Host.monotonicNanoseconds()
+        report.breakdown.migrationMs = Double(migrated - start) / 1e6
+        guard info.status == "completed" else { throw QEMUUpgradeError.rolledBack("migration \(info.status ?? "?"): \(info.errorDesc ?? "no reason given")") }
+        report.ramBytesMoved = info.ram?.transferred ?? 0
+        try log(.transferred, durable: false)
+        // Precopy can complete on the source while the destination still fails to load: see the
+        // new QEMU paused with the state loaded before trusting it.
+        if newMonitor == nil { newMonitor = try waitForMonitor(of: report.newPid) }
+        let new = newMonitor!
+        while true {
+            let s = try new.query("query-status", as: QEMURunState.self)
+            if s.status == "paused" || s.status == "running" { break }
+            guard Host.isAlive(report.newPid) else { throw QEMUUpgradeError.rolledBack("the new QEMU exited while loading the state: \(QEMUHost.logTail(domain: record.domain))") }
+            guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not load the state (status \(s.status))") }
+            usleep(200)
+        }
+        try QEMUVerification.compare(old: old, new: new, oldPid: report.oldPid, newPid: report.newPid, ram: ramFD!)
+        report.verified = true
+        let verified = Host.monotonicNanoseconds()
+        report.breakdown.verifyMs = Double(verified - migrated) / 1e6
+        // The point of no return: once the new QEMU runs the guest, the shared RAM moves on and
+        // the old process must never run again.
+        try log(.committing)
+        try new.execute("cont")
+        while try new.query("query-status", as: QEMURunState.self).status != "running" { usleep(100) }
+        let running = Host.monotonicNanoseconds()
+        report.breakdown.resumeMs = Double(running - verified) / 1e6
+        report.controllerPauseMs = Double(running - start) / 1e6
+        let stop = old.events.last { $0.name == "STOP" }?.seconds
+        _ = try? new.execute("query-status")  // collect the RESUME event
+        let resume = new.events.last { $0.name == "RESUME" }?.seconds
+        if let stop, let resume, resume >= stop { report.pauseMs = (resume - stop) * 1000 } else { report.pauseMs = report.controllerPauseMs }
+        try log(.committed)
+    }
+
+    /// After the new QEMU runs the guest: fence the old one, make libvirt's record true, and
+    /// start libvirtd so it adopts the new process.
+    func finishForward() throws {
+        let vcpus = (try? newMonitor?.query("query-cpus-fast", as: [QEMUCPU].self)) ?? []
+        oldMonitor = nil
+        newMonitor = nil  // libvirtd must find the new QEMU's monitor free
+        movedListeners.removeAll()  // the new QEMU holds its own copies; ours close
+        try QEMURecovery.rollForward(record: record, newVCPUs: Dictionary(uniqueKeysWithValues: vcpus.map { ($0.cpuIndex, $0.threadId) }))
+        report.managementGapMs = libvirtdStoppedAt.map { Double(Host.monotonicNanoseconds() - $0) / 1e6 } ?? 0
+        try log(.adopted)
+        if options.updateDefinition { report.definitionUpdated = QEMURecovery.updateDefinition(record: record) }
+        try log(.done)
+    }
+}

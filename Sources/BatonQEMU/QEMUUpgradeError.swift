@@ -1,0 +1,25 @@
+/// How a QEMU upgrade ended when it did not succeed. The CLI's exit code comes from the case,
+/// never from the message.
+public enum QEMUUpgradeError: Error, CustomStringConvertible, Sendable {
+    /// Preflight refused the upgrade; nothing was started or paused.
+    case refused(String)
+    /// The command line cannot be carried over to the new QEMU (preflight; nothing paused).
+    case unsupported(String)
+    /// A failure before the new process ran the guest; the old QEMU runs it again.
+    case rolledBack(String)
+    /// Verification differed (RAM sample or device set); rolled back.
+    case integrity(String)
+    /// After the point of no return something failed; the new QEMU runs the guest and the
+    /// message says what is left to do (`baton recover`).
+    case rollForwardIncomplete(String)
+
+    public var description: String {
+        switch self {
+        case .refused(let m): "refused: \(m); nothing was paused"
+        case .unsupported(let m): "unsupported: \(m); nothing was paused"
+        case .rolledBack(let m): "\(m); rolled back, the old QEMU runs the guest"
+        case .integrity(let m): "integrity check failed: \(m); rolled back, the old QEMU runs the guest"
+        case .rollForwardIncomplete(let m): "the new QEMU runs the guest, but: \(m)"
+        }
+    }
+}
