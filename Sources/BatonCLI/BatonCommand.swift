@@ -7,7 +7,7 @@ public struct BatonCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "baton",
         abstract: "Hand a running VM's guest RAM from an old hypervisor process to a new one.",
-        subcommands: [CheckCommand.self, UpgradeCommand.self, RecoverCommand.self, ServeCommand.self, StatusCommand.self, HookCommand.self, HarnessCommand.self, BenchCommand.self, DemoCommand.self, AgentCommand.self, QEMUExecCommand.self]
+        subcommands: [CheckCommand.self, UpgradeCommand.self, RecoverCommand.self, ServeCommand.self, StatusCommand.self, HookCommand.self, HarnessCommand.self, BenchCommand.self, DemoCommand.self, AgentCommand.self, QEMUExecCommand.self, EnrollCommand.self]
     )
     public init() {}
 }

@@ -8,7 +8,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Benchmarks (figures, never assertions).",
-        subcommands: [Transfer.self, UpgradeBench.self])
+        subcommands: [Transfer.self, UpgradeBench.self, QEMUBench.self])
 
     struct Transfer: ParsableCommand {
         static let configuration = CommandConfiguration(

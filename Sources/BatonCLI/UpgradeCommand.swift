@@ -26,6 +26,9 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(help: "QEMU domains: also point the persistent definition's <emulator> at --binary (the next cold boot uses it).")
     var updateDefinition = false
 
+    @Flag(help: "QEMU domains with private RAM: copy it through QEMU's migration stream (a pause of seconds, two copies of RAM for a while) instead of refusing.")
+    var allowCopy = false
+
     @Option(help: "Give up waiting for any one step (QEMU start, migration, libvirtd) after this many seconds.")
     var timeout: Double = 30
 
@@ -139,6 +142,7 @@ extension UpgradeCommand {
         options.journalPath = journal
         options.runDirectory = runDirectory
         options.updateDefinition = updateDefinition
+        options.allowCopy = allowCopy
         options.timeoutSeconds = timeout
         if let text = ProcessInfo.processInfo.environment["BATON_CONTROLLER_FAULT"] {
             guard let fault = ControllerFault(parsing: text) else { throw fail("BATON_CONTROLLER_FAULT: '\(text)' is not ACTION:PHASE", .usage) }
@@ -147,6 +151,16 @@ extension UpgradeCommand {
         let upgrade = QEMUUpgrade(options: options)
         do {
             let report = try upgrade.run()
+            // The handoff record in the domain's metadata (a fresh connection: libvirtd restarted).
+            if let d = try? LibvirtConnection(uri: connect).domain(domain) {
+                var meta = (try? d.metadata()).flatMap { $0 }.flatMap(BatonMetadata.init(element:)) ?? BatonMetadata()
+                meta.generation += 1
+                meta.state = "committed"
+                meta.oldPid = report.oldPid
+                meta.newPid = report.newPid
+                meta.transport = report.mode
+                try? d.setMetadata(meta.element)
+            }
             if json { printJSON(report) } else { print(report.line) }
         } catch let error as QEMUUpgradeError {
             if json { printJSON(upgrade.report) }
@@ -184,6 +198,24 @@ struct QEMUExecCommand: ParsableCommand {
         if stageTwo { try QEMULauncher.stageTwo(cgroupsOf: cgroupsOf, argv: args) }
         guard let pidFile else { throw fail("qemu-exec: --pid-file is required", .usage) }
         try QEMULauncher.stageOne(cgroupsOf: cgroupsOf, pidFile: pidFile, keep: keepFds.split(separator: ",").compactMap { Int32($0) }, argv: args)
+    }
+}
+
+struct EnrollCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "enroll",
+        abstract: "Give a QEMU domain shared-memory guest RAM in its definition (from its next cold boot) and record Baton's opt-in.")
+
+    @Argument(help: "The domain (name or UUID).")
+    var domain: String
+
+    @Option(help: "libvirt connection URI.")
+    var connect: String = "qemu:///system"
+
+    func run() throws {
+        do { print(try QEMUEnrollment.enroll(domain, uri: connect)) } catch let e as QEMUUpgradeError {
+            throw fail(e.description, BatonExit.forQEMU(e))
+        } catch { throw fail("\(error)", .failure) }
     }
 }
 

@@ -156,18 +156,20 @@ public final class LibvirtDomain: @unchecked Sendable {
     public func destroy() throws { guard virDomainDestroy(handle) == 0 else { throw LibvirtError.last("virDomainDestroy(\(name))") } }
     public func undefine() throws { guard virDomainUndefine(handle) == 0 else { throw LibvirtError.last("virDomainUndefine(\(name))") } }
 
-    /// Writes `element` (one XML element, unprefixed) as Baton's metadata, live (and in the
-    /// persistent config when the domain has one).
-    public func setMetadata(_ element: String, prefix: String = BatonMetadata.prefix, namespace: String = BatonMetadata.namespace) throws {
-        let flags = UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)
+    /// Writes `element` (one XML element, unprefixed) as Baton's metadata, in the running
+    /// domain (`live`) and/or its persistent definition (`config`).
+    public func setMetadata(_ element: String, prefix: String = BatonMetadata.prefix, namespace: String = BatonMetadata.namespace,
+                            live: Bool = true, config: Bool = false) throws {
+        let flags = (live ? UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue) : 0) | (config ? UInt32(VIR_DOMAIN_AFFECT_CONFIG.rawValue) : 0)
         guard virDomainSetMetadata(handle, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), element, prefix, namespace, flags) == 0 else {
             throw LibvirtError.last("virDomainSetMetadata(\(name))")
         }
     }
 
-    /// Baton's metadata element, or nil if the domain has none.
-    public func metadata(namespace: String = BatonMetadata.namespace) throws -> String? {
-        guard let m = virDomainGetMetadata(handle, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), namespace, UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)) else {
+    /// Baton's metadata element (running domain, or with `live` false the definition), or nil.
+    public func metadata(namespace: String = BatonMetadata.namespace, live: Bool = true) throws -> String? {
+        let flags = live ? UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue) : UInt32(VIR_DOMAIN_AFFECT_CONFIG.rawValue)
+        guard let m = virDomainGetMetadata(handle, Int32(VIR_DOMAIN_METADATA_ELEMENT.rawValue), namespace, flags) else {
             let e = LibvirtError.last("virDomainGetMetadata(\(name))")
             // No element: libvirt says VIR_ERR_NO_DOMAIN_METADATA (some drivers report no error at all).
             if e.code == Int32(VIR_ERR_NO_DOMAIN_METADATA.rawValue) || e.code == -1 { return nil }

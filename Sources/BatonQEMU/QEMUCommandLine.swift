@@ -13,6 +13,7 @@ public struct QEMUCommandLine: Equatable, Sendable {
     public struct PassedSocket: Equatable, Sendable {
         public let id: String
         public let fd: Int32
+        public init(id: String, fd: Int32) { self.id = id; self.fd = fd }
     }
 
     /// Guest RAM's backend: the memfd libvirt asked for, or the file backend on an inherited
@@ -80,6 +81,16 @@ public struct QEMUCommandLine: Equatable, Sendable {
         }
     }
 
+    /// Guest RAM size in bytes (the memory backend's `size`, else `-m` in MiB).
+    public var ramBytes: Int? {
+        for spec in values(of: "-object") {
+            if let o = Self.jsonObject(spec), o["qom-type"]?.string?.hasPrefix("memory-backend-") == true, case .number(let n)? = o["size"] { return Int(n) }
+        }
+        guard let m = values(of: "-m").first else { return nil }
+        let first = m.split(separator: ",").first.map(String.init) ?? m
+        return Int(first.hasPrefix("size=") ? String(first.dropFirst(5)) : first).map { $0 << 20 }
+    }
+
     /// How the new process receives the guest.
     public enum Incoming: Equatable, Sendable {
         /// `-incoming defer`; Baton starts the incoming migration over QMP.
@@ -93,8 +104,9 @@ public struct QEMUCommandLine: Equatable, Sendable {
 
     /// The new QEMU's command line: the same guest, the new binary, the changes `newVersion`
     /// needs, guest RAM as a shared file backend on the memfd placed at `ramFD`, and
-    /// `incoming`. Throws `QEMUUpgradeError.unsupported` for what cannot be carried over.
-    public func translated(newEmulator: String, newVersion: QEMUVersion, ramFD: Int32, incoming: Incoming) throws -> (QEMUCommandLine, [Change]) {
+    /// `incoming`; with `ramFD` nil (copy mode) the RAM backend stays as it is. Throws
+    /// `QEMUUpgradeError.unsupported` for what cannot be carried over.
+    public func translated(newEmulator: String, newVersion: QEMUVersion, ramFD: Int32?, incoming: Incoming) throws -> (QEMUCommandLine, [Change]) {
         var out = [newEmulator]
         var changes: [Change] = []
         var machineExtras: [String] = []
@@ -113,7 +125,8 @@ public struct QEMUCommandLine: Equatable, Sendable {
             case "-no-hpet" where modern:
                 machineExtras.append("hpet=off"); changes.append("-no-hpet → -machine hpet=off")
                 i += 1; continue
-            case "-object" where next.flatMap(Self.jsonObject)?["qom-type"]?.string?.hasPrefix("memory-backend-") == true:
+            case "-object" where ramFD != nil && next.flatMap(Self.jsonObject)?["qom-type"]?.string?.hasPrefix("memory-backend-") == true:
+                let ramFD = ramFD!
                 var o = Self.jsonObject(next!)!
                 guard case .object(var fields) = o else { break }
                 if fields["share"] != .bool(true) {

@@ -30,4 +30,7 @@ public enum QEMUHandoffMode: String, Codable, Sendable {
     case cprTransfer = "cpr-transfer"
     /// Migration with x-ignore-shared: shared RAM is skipped, the new process maps the same memfd.
     case ignoreShared = "ignore-shared"
+    /// Private RAM (`--allow-copy`): QEMU's migration stream copies it; two copies exist for a
+    /// while, and the pause is the final stop-and-copy.
+    case copy = "copy"
 }

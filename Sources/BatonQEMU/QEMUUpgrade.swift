@@ -59,6 +59,8 @@ public struct QEMUUpgradeOptions: Sendable {
     public var libvirtStateDirectory = "/run/libvirt/qemu"
     public var libvirtdPidFile = "/run/libvirtd.pid"
     public var updateDefinition = false
+    /// Private guest RAM goes through QEMU's migration stream instead of being refused.
+    public var allowCopy = false
     /// The executable that places the new QEMU in the old one's cgroups and mount namespace
     /// (`baton qemu-exec`); default: this process's own binary.
     public var launcher = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "baton"
@@ -122,25 +124,25 @@ public final class QEMUUpgrade {
         report.oldPid = oldPid
         let cmd = QEMUCommandLine(try ProcessHandles.commandLine(of: oldPid))
         oldCommandLine = cmd
-        // Guest RAM must be shared memory the new process can map.
+        // Guest RAM must be shared memory the new process can map (or, with --allow-copy,
+        // private memory QEMU copies, for which the host must hold a second copy).
         let backends = cmd.ramBackends
-        guard backends.count == 1, let ram = backends.first else {
-            throw QEMUUpgradeError.unsupported(backends.isEmpty
-                ? "domain \(domain.name) has private guest RAM (no shared memory backend): run `baton enroll \(domain.name)` and cold-boot it, or pass --allow-copy"
-                : "domain \(domain.name) has \(backends.count) memory backends (NUMA); one is supported")
-        }
-        guard ram.shared else {
-            throw QEMUUpgradeError.unsupported("domain \(domain.name)'s guest RAM is not shared (<access mode='shared'/>): run `baton enroll \(domain.name)` and cold-boot it")
-        }
-        switch ram {
-        case .memfd:
+        guard backends.count <= 1 else { throw QEMUUpgradeError.unsupported("domain \(domain.name) has \(backends.count) memory backends (NUMA); one is supported") }
+        var copy = false
+        switch backends.first {
+        case .memfd(_, true)?:
             let memfds = ProcessHandles.descriptors(of: oldPid).filter { $0.value.hasPrefix("/memfd:memory-backend-memfd") }
             guard memfds.count == 1, let n = memfds.keys.first else {
                 throw QEMUUpgradeError.unsupported("found \(memfds.count) guest RAM memfds in QEMU pid \(oldPid), expected 1")
             }
             ramFDNumber = n
-        case .inheritedFile(_, let fd, _): ramFDNumber = fd
-        case .other(_, let type, _): throw QEMUUpgradeError.unsupported("guest RAM backend \(type) cannot be carried over (memfd only)")
+        case .inheritedFile(_, let fd, true)?: ramFDNumber = fd
+        default:
+            guard options.allowCopy else {
+                throw QEMUUpgradeError.unsupported("domain \(domain.name) has private guest RAM (not <memoryBacking><source type='memfd'/><access mode='shared'/>): run `baton enroll \(domain.name)` and cold-boot it, or pass --allow-copy to copy it through QEMU's migration stream")
+            }
+            copy = true
+            try Self.checkMemoryForSecondCopy(bytes: cmd.ramBytes ?? 0, pid: oldPid)
         }
         guard cmd.monitorSocket != nil else { throw QEMUUpgradeError.unsupported("QEMU pid \(oldPid) has no monitor socket passed by libvirt") }
         // The old and the new binary: versions, the machine type, every device.
@@ -166,12 +168,30 @@ public final class QEMUUpgrade {
             throw QEMUUpgradeError.refused("libvirt has no cached capabilities for \(options.newEmulator) (it must probe the binary before it can adopt it)")
         }
         let auxShared = (cmd.values(of: "-machine").first ?? "").contains("aux-ram-share=on")
-        let mode: QEMUHandoffMode = oldVersion.qemu.major >= 10 && probe.version.qemu.major >= 10 && auxShared ? .cprTransfer : .ignoreShared
+        let mode: QEMUHandoffMode = copy ? .copy : oldVersion.qemu.major >= 10 && probe.version.qemu.major >= 10 && auxShared ? .cprTransfer : .ignoreShared
         report.mode = mode.rawValue
         let daemon = try LibvirtDaemon.running(pidFile: options.libvirtdPidFile)
         record = QEMUHandoffRecord(domain: domain.name, uri: options.uri, statusFile: statusPath, monitorPath: monitorPath, oldPid: oldPid,
                                    oldEmulator: cmd.emulator, newEmulator: options.newEmulator, mode: mode, libvirtd: daemon,
                                    newCapabilityFlags: flags, updateDefinition: options.updateDefinition)
+    }
+
+    /// A copy holds guest RAM twice until the old QEMU is gone: refuse before the pause when
+    /// neither the host nor the domain's memory cgroup has room, naming both figures.
+    static func checkMemoryForSecondCopy(bytes: Int, pid: pid_t) throws {
+        let available = (Host.readSmallFile("/proc/meminfo") ?? "").split(separator: "\n")
+            .first { $0.hasPrefix("MemAvailable:") }.flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }.map { $0 << 10 } ?? 0
+        guard available > bytes + (256 << 20) else {
+            throw QEMUUpgradeError.refused("copying \(bytes >> 20) MiB of guest RAM needs a second copy, and the host has \(available >> 20) MiB available")
+        }
+        if let cg = try? CgroupMembership.of(pid: pid), let memory = cg.entries.first(where: { $0.controllers.split(separator: ",").contains("memory") }) {
+            let dir = "/sys/fs/cgroup/memory\(memory.path)"
+            if let limit = Host.readSmallFile(dir + "/memory.limit_in_bytes").flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }),
+               let usage = Host.readSmallFile(dir + "/memory.usage_in_bytes").flatMap({ Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) }),
+               limit < Int.max / 2, usage + bytes > limit {
+                throw QEMUUpgradeError.refused("copying \(bytes >> 20) MiB of guest RAM would exceed the domain's memory cgroup (\(usage >> 20) MiB used of \(limit >> 20) MiB)")
+            }
+        }
     }
 
     static func version(of binary: String) throws -> QEMUVersion {
@@ -233,6 +253,7 @@ public final class QEMUUpgrade {
             if case QEMUUpgradeError.integrity(let why) = error { throw QEMUUpgradeError.integrity(why) }
             if case QEMUUpgradeError.refused = error { throw error }
             if case QEMUUpgradeError.unsupported = error { throw error }
+            if case QEMUUpgradeError.rolledBack = error { throw error }
             throw QEMUUpgradeError.rolledBack("\(error)")
         }
     }
@@ -242,7 +263,7 @@ public final class QEMUUpgrade {
     func startNewQEMU() throws {
         let oldPid = record.oldPid
         // Descriptors the new QEMU needs at the numbers its command line names.
-        ramFD = try ProcessHandles.duplicate(fd: ramFDNumber, of: oldPid)
+        if record.mode != .copy { ramFD = try ProcessHandles.duplicate(fd: ramFDNumber, of: oldPid) }
         logFD = try ProcessHandles.duplicate(fd: 2, of: oldPid)  // the virtlogd pipe
         for socket in oldCommandLine.passedSockets {
             passedSockets[socket.fd] = try ProcessHandles.duplicate(fd: socket.fd, of: oldPid)
@@ -279,16 +300,17 @@ public final class QEMUUpgrade {
         if case .memfd = oldCommandLine.ramBackends.first {
             ramFDNumber = (oldCommandLine.passedSockets.map(\.fd).max() ?? 2) + 1
         }
-        descriptors[ramFDNumber] = ramFD!.raw
+        if let ramFD { descriptors[ramFDNumber] = ramFD.raw }
         let incoming: QEMUCommandLine.Incoming
         let cprMain = "\(options.runDirectory)/\(record.domain)-main.sock", cprChannel = "\(options.runDirectory)/\(record.domain)-cpr.sock"
         switch record.mode {
         case .cprTransfer:
             unlink(cprMain); unlink(cprChannel)
             incoming = .cprTransfer(mainPath: cprMain, cprPath: cprChannel)
-        case .ignoreShared: incoming = .deferred
+        case .ignoreShared, .copy: incoming = .deferred
         }
-        let (newCommandLine, changes) = try oldCommandLine.translated(newEmulator: options.newEmulator, newVersion: newVersion, ramFD: ramFDNumber, incoming: incoming)
+        let (newCommandLine, changes) = try oldCommandLine.translated(newEmulator: options.newEmulator, newVersion: newVersion,
+                                                                      ramFD: ramFD == nil ? nil : ramFDNumber, incoming: incoming)
         report.argvChanges = changes
         let newPid = try QEMULauncher.launch(newCommandLine.arguments, descriptors: descriptors, output: logFD!.raw,
                                              intoCgroupsAndNamespaceOf: oldPid, launcher: options.launcher, runDirectory: options.runDirectory)
@@ -296,11 +318,15 @@ public final class QEMUUpgrade {
         record.newPid = newPid
         try log(.newInstanceReady)
         switch record.mode {
-        case .ignoreShared:
+        case .ignoreShared, .copy:
             newMonitor = try waitForMonitor(of: newPid)
-            let caps = MigrationCapabilities(capabilities: [.init(capability: "x-ignore-shared", state: true), .init(capability: "events", state: true)])
+            let caps = MigrationCapabilities(capabilities: [.init(capability: "x-ignore-shared", state: record.mode == .ignoreShared), .init(capability: "events", state: true)])
             try oldMonitor!.execute("migrate-set-capabilities", arguments: caps)
             try newMonitor!.execute("migrate-set-capabilities", arguments: caps)
+            if record.mode == .copy {
+                // QEMU's default bandwidth cap (128 MiB/s on 7.2) would make a same-host copy crawl.
+                try oldMonitor!.execute("migrate-set-parameters", arguments: ["max-bandwidth": 100 << 30])
+            }
             try newMonitor!.execute("migrate-incoming", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
         case .cprTransfer:
             // The new QEMU reads the CPR state before it opens its monitor; wait until it
@@ -311,7 +337,11 @@ public final class QEMUUpgrade {
                 guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not listen on its cpr channel within \(options.timeoutSeconds) s") }
                 usleep(1_000)
             }
-            try oldMonitor!.execute("migrate-set-capabilities", arguments: MigrationCapabilities(capabilities: [.init(capability: "events", state: true)]))
+            // The destination's capabilities cannot be set before its monitor exists, so the
+            // source's must match defaults: an earlier ignore-shared upgrade left x-ignore-shared
+            // on in this process (cpr-transfer skips shared RAM by itself).
+            try oldMonitor!.execute("migrate-set-capabilities", arguments: MigrationCapabilities(capabilities: [
+                .init(capability: "x-ignore-shared", state: false), .init(capability: "events", state: true)]))
             try oldMonitor!.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
         }
     }
@@ -349,7 +379,7 @@ public final class QEMUUpgrade {
         let start = Host.monotonicNanoseconds()
         try log(.paused, note: "migrate", durable: false)
         switch record.mode {
-        case .ignoreShared:
+        case .ignoreShared, .copy:
             try old.execute("migrate", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
         case .cprTransfer:
             let main = MigrateChannels.Channel(channelType: "main", addr: .init(path: "\(options.runDirectory)/\(record.domain)-main.sock"))
@@ -380,7 +410,8 @@ public final class QEMUUpgrade {
             guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not load the state (status \(s.status))") }
             usleep(200)
         }
-        try QEMUVerification.compare(old: old, new: new, oldPid: report.oldPid, newPid: report.newPid, ram: ramFD!)
+        try QEMUVerification.compare(old: old, new: new, oldPid: report.oldPid, newPid: report.newPid, ram: ramFD)
+        report.ramPages = record.mode == .copy ? "copied" : "shared"
         report.verified = true
         let verified = Host.monotonicNanoseconds()
         report.breakdown.verifyMs = Double(verified - migrated) / 1e6
@@ -406,6 +437,7 @@ public final class QEMUUpgrade {
         oldMonitor = nil
         newMonitor = nil  // libvirtd must find the new QEMU's monitor free
         movedListeners.removeAll()  // the new QEMU holds its own copies; ours close
+        passedSockets.removeAll()
         try QEMURecovery.rollForward(record: record, newVCPUs: Dictionary(uniqueKeysWithValues: vcpus.map { ($0.cpuIndex, $0.threadId) }))
         report.managementGapMs = libvirtdStoppedAt.map { Double(Host.monotonicNanoseconds() - $0) / 1e6 } ?? 0
         try log(.adopted)

@@ -10,7 +10,8 @@ import Glibc
 enum QEMUVerification {
     static let samplePages = 64
 
-    static func compare(old: QMPConnection, new: QMPConnection, oldPid: pid_t, newPid: pid_t, ram: FileDescriptor) throws {
+    /// `ram` nil (copy mode: private RAM, copied by QEMU's stream and checked by it): devices only.
+    static func compare(old: QMPConnection, new: QMPConnection, oldPid: pid_t, newPid: pid_t, ram: FileDescriptor?) throws {
         for path in ["/machine/peripheral", "/machine/peripheral-anon"] {
             let a = try devices(old, path), b = try devices(new, path)
             guard a == b else {
@@ -18,6 +19,7 @@ enum QEMUVerification {
                 throw QEMUUpgradeError.integrity("device sets differ under \(path): new QEMU has extra [\(extra.joined(separator: ", "))], lacks [\(missing.joined(separator: ", "))]")
             }
         }
+        guard let ram else { return }
         let st = try ram.status()
         let size = Int(st.st_size)
         let page = 4096
