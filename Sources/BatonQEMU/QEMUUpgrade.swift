@@ -226,6 +226,14 @@ public final class QEMUUpgrade {
     }
 
     public func run() throws -> QEMUUpgradeReport {
+        // While libvirtd is down and two QEMUs share the guest, this process must not be
+        // stopped half-way by a terminal or a vanished peer: SIGPIPE is ignored (writes fail
+        // with EPIPE), and so are SIGINT/SIGHUP/SIGTERM until the sequence has finished or
+        // rolled back (SIGKILL still stops it; `baton recover` then finishes the journal).
+        signal(SIGPIPE, SIG_IGN)
+        let deferred = [SIGINT, SIGHUP, SIGTERM]
+        let previous = deferred.map { signal($0, SIG_IGN) }
+        defer { for (sig, handler) in zip(deferred, previous) { signal(sig, handler) } }
         try QEMUHost.makePrivateDirectory(options.runDirectory)
         try preflight()
         journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-qemu-\(record.domain)-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")

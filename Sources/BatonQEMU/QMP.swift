@@ -91,7 +91,7 @@ public final class QMPConnection {
     public func execute<A: Encodable>(_ command: String, arguments: A?) throws -> JSONValue {
         var line = try JSONEncoder().encode(Request(execute: command, arguments: arguments))
         line.append(UInt8(ascii: "\n"))
-        do { try socket.fd.writeAll(Array(line)) } catch {
+        do { try socket.sendAll(Array(line)) } catch {
             throw QMPError(kind: .transport, command: command, message: "write to \(path): \(error)")
         }
         while true {

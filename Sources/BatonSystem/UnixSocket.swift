@@ -186,3 +186,17 @@ extension UnixSocket {
         return false
     }
 }
+
+extension UnixSocket {
+    /// Writes all of `bytes` with MSG_NOSIGNAL: a peer that went away is EPIPE, never SIGPIPE
+    /// (which would kill a controller in the middle of a handoff).
+    public func sendAll(_ bytes: [UInt8]) throws {
+        var done = 0
+        while done < bytes.count {
+            let n = try bytes[done...].withUnsafeBytes { raw in
+                try retryingEINTR("send") { _ in Glibc.send(fd.raw, raw.baseAddress, raw.count, Int32(MSG_NOSIGNAL)) }
+            }
+            done += n
+        }
+    }
+}

@@ -25,7 +25,7 @@ public final class GuestConsole {
             if socket == nil { socket = try? UnixSocket.connect(path: path); try? socket?.setTimeout(seconds: 0.5); lastSent = .distantPast }
             guard let s = socket else { usleep(100_000); continue }
             if lastSent == .distantPast || (command == "ping" && Date().timeIntervalSince(lastSent) > 2) {
-                if (try? s.fd.writeAll(Array("\(command) \(token)\n".utf8))) == nil { socket = nil; continue }
+                if (try? s.sendAll(Array("\(command) \(token)\n".utf8))) == nil { socket = nil; continue }
                 lastSent = Date()
             }
             var chunk = [UInt8](repeating: 0, count: 4096)
