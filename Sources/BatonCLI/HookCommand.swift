@@ -53,7 +53,7 @@ struct HookCommand: ParsableCommand {
         let event: [String: Any] = ["op": "hook", "domain": request.domain, "uuid": request.uuid ?? "", "operation": request.operation,
                                     "subOperation": request.subOperation, "agent": request.batonAgent ?? ""]
         let line = ((try? JSONSerialization.data(withJSONObject: event)).map { String(decoding: $0, as: UTF8.self) } ?? "{}") + "\n"
-        if let s = try? UnixSocket.connect(path: socket) {
+        if let s = try? UnixSocket.connect(path: socket, timeoutSeconds: Self.budgetSeconds / 2) {
             try? s.setTimeout(seconds: Self.budgetSeconds / 2)
             if (try? s.send(Array(line.utf8))) != nil { return "forwarded to baton serve" }
         }

@@ -41,7 +41,12 @@ struct ServeCommand: ParsableCommand {
         let listener = try UnixListener(path: socket)
         let accepting = Thread {
             while true {
-                guard let client = try? listener.accept() else { return }
+                let client: UnixSocket
+                do { client = try listener.accept() } catch let e as SyscallError where [EMFILE, ENFILE, ENOBUFS, ENOMEM, EINTR, ECONNABORTED].contains(e.errno) {
+                    usleep(50_000)  // out of descriptors: back off and keep accepting, never go deaf
+                    continue
+                } catch { return }  // the listener was shut down (drain)
+                try? client.setTimeout(seconds: 60)  // a silent client must not hold a thread forever
                 Thread { ServeCommand.serve(client, service) }.start()
             }
         }
@@ -84,7 +89,7 @@ extension FileDescriptor {
 enum ServiceClient {
     static func request(_ socket: String, _ object: [String: Any], timeout: Double = 600) throws -> [String: Any] {
         let s: UnixSocket
-        do { s = try UnixSocket.connect(path: socket) } catch {
+        do { s = try UnixSocket.connect(path: socket, timeoutSeconds: 5) } catch {
             throw fail("cannot reach baton serve at \(socket): \(error)", .failure)
         }
         try s.setTimeout(seconds: timeout)

@@ -28,7 +28,7 @@ public struct VMMClient: Sendable {
     }
 
     public func request(_ method: String, _ path: String, json: [String: Any]? = nil) throws -> Response {
-        let socket = try UnixSocket.connect(path: socketPath)
+        let socket = try UnixSocket.connect(path: socketPath, timeoutSeconds: min(timeoutSeconds, 10))
         try socket.setTimeout(seconds: timeoutSeconds)
         let body = try json.map { try JSONSerialization.data(withJSONObject: $0) } ?? Data()
         var head = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n"

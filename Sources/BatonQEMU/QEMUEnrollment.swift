@@ -37,9 +37,12 @@ public enum QEMUEnrollment {
         let (xml, changed) = withSharedMemory(try domain.inactiveXML())
         if changed { try connection.define(xml: xml) }
         let running = (try? domain.state().state) == .running
-        var meta = (try? domain.metadata(live: running)).flatMap { $0 }.flatMap(BatonMetadata.init(element:)) ?? BatonMetadata()
+        // The opt-in goes into the definition; the running domain gets it too unless it already
+        // carries a handoff record (which says more).
+        var meta = (try? domain.metadata(live: false)).flatMap { $0 }.flatMap(BatonMetadata.init(element:)) ?? BatonMetadata()
         meta.state = meta.state ?? "enrolled"
-        try domain.setMetadata(meta.element, live: running, config: true)
+        try domain.setMetadata(meta.element, live: false, config: true)
+        if running, (try? domain.metadata(live: true)).flatMap({ $0 }) == nil { try domain.setMetadata(meta.element, live: true, config: false) }
         let when = running ? "takes effect at its next cold boot (shut it down and start it; a reboot inside the guest is not enough)" : "takes effect when it starts"
         return changed
             ? "baton: enrolled \(domain.name): guest RAM becomes shared memory (memfd); this \(when)"

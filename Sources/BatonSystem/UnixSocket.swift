@@ -33,6 +33,32 @@ public final class UnixSocket: @unchecked Sendable {
         return UnixSocket(fd: fd)
     }
 
+    /// Connects within `timeoutSeconds`: a listener that does not accept (backlog full, process
+    /// wedged) makes a blocking connect(2) wait forever; this gives up with ETIMEDOUT instead.
+    public static func connect(path: String, timeoutSeconds: Double) throws -> UnixSocket {
+        let deadline = Host.monotonicNanoseconds() + UInt64(max(0, min(timeoutSeconds, 86_400)) * 1e9)
+        var address = try socketAddress(path)
+        while true {
+            let fd = FileDescriptor(owning: try retryingEINTR("socket(AF_UNIX)") { _ in
+                socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+            })
+            let rc = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd.raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            if rc == 0 {
+                try fd.setNonBlocking(false)
+                return UnixSocket(fd: fd)
+            }
+            let code = errno
+            // AF_UNIX answers a full backlog with EAGAIN at once (never EINPROGRESS): retry.
+            guard code == EAGAIN || code == EINTR else { throw SyscallError("connect(\(path))", errno: code) }
+            guard Host.monotonicNanoseconds() < deadline else {
+                throw SyscallError("connect(\(path)) timed out after \(timeoutSeconds) s (the listener does not accept)", errno: ETIMEDOUT)
+            }
+            usleep(5_000)
+        }
+    }
+
     static func newSocket() throws -> Int32 {
         try retryingEINTR("socket(AF_UNIX)") { _ in
             socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -103,7 +129,9 @@ public final class UnixSocket: @unchecked Sendable {
     }
 
     /// Bounds every blocking send/receive; a stalled peer then surfaces as EAGAIN.
-    public func setTimeout(seconds: Double) throws {
+    public func setTimeout(seconds requested: Double) throws {
+        // Any Double is accepted: NaN, negatives and absurd values are clamped (Int(1e300) traps).
+        let seconds = requested.isFinite ? min(max(requested, 0.001), 86_400) : 86_400
         var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1_000_000))
         for option in [SO_RCVTIMEO, SO_SNDTIMEO] {
             _ = try retryingEINTR("setsockopt(SO_RCVTIMEO/SO_SNDTIMEO)") { _ in

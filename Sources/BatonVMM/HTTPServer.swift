@@ -70,10 +70,18 @@ public final class HTTPServer: @unchecked Sendable {
             while true {
                 let fd = acceptCloseOnExec(listener.raw)
                 if fd < 0 {
-                    if errno == EINTR || errno == ECONNABORTED { continue }
-                    return
+                    switch errno {
+                    case EINTR, ECONNABORTED: continue
+                    // Out of descriptors or memory: the listener is fine, so back off and keep
+                    // accepting (returning here would leave a process that is up but deaf).
+                    case EMFILE, ENFILE, ENOBUFS, ENOMEM: usleep(50_000); continue
+                    default: return  // the listener itself is gone (EBADF, EINVAL)
+                    }
                 }
                 let connection = FileDescriptor(owning: fd)
+                // A client that connects and then says nothing must not hold a thread forever.
+                var idle = timeval(tv_sec: 60, tv_usec: 0)
+                setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &idle, socklen_t(MemoryLayout<timeval>.size))
                 let worker = Thread { [self] in serve(connection) }
                 worker.start()
             }
@@ -133,7 +141,7 @@ public final class HTTPServer: @unchecked Sendable {
                     _ = reader.readUntil(Array("\r\n".utf8), limit: Self.maximumHeader)  // trailers end with an empty line
                     break
                 }
-                guard body.count + size <= Self.maximumBody, let chunk = reader.read(count: size), reader.read(count: 2) != nil else {
+                guard size <= Self.maximumBody - body.count, let chunk = reader.read(count: size), reader.read(count: 2) != nil else {
                     write(.error(413, "body larger than \(Self.maximumBody) bytes or truncated"), to: fd)
                     return nil
                 }

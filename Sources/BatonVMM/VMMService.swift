@@ -79,7 +79,7 @@ public final class VMMService: @unchecked Sendable {
     }
 
     public func handle(_ request: HTTPRequest) -> HTTPResponse {
-        let route = request.path.split(separator: "?")[0]
+        let route = request.path.prefix { $0 != "?" }  // a bare "?" is an empty route, not a crash
         do {
             switch (request.method, route) {
             case ("GET", "/api/v1/vmm.ping"):
@@ -167,6 +167,10 @@ public final class VMMService: @unchecked Sendable {
     static let stateRegionID: UInt32 = 1
 
     func prepareHandoff(_ request: HandoffRequest) throws -> HTTPResponse {
+        let stall = request.stall_timeout_seconds ?? 10
+        guard stall.isFinite, stall > 0, stall <= 3600 else {
+            return .error(400, "stall_timeout_seconds must be a number of seconds in (0, 3600], got \(stall)")
+        }
         lock.lock(); defer { lock.unlock() }
         let vm = try requireVM()
         guard prepared == nil, pending == nil else { return .error(409, "a handoff is already in progress") }
@@ -177,7 +181,7 @@ public final class VMMService: @unchecked Sendable {
             options.transport = choice
         }
         options.releaseSource = request.release_source ?? false
-        options.stallTimeoutSeconds = request.stall_timeout_seconds ?? 10
+        options.stallTimeoutSeconds = stall
         let stateBytes = Host.pageSize * ((64 << 10) / Host.pageSize + vm.config.vcpus * 8)
         let state = try MemoryMapping.memfd(name: "batonvmm-vcpu-state", length: stateBytes)
         stateRegion = state

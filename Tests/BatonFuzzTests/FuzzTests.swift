@@ -99,4 +99,21 @@ struct FuzzTests {
         #expect(HTTPFuzzProbe.parse(Array("GET / HTTP/1.1\r\nno colon here\r\n\r\n".utf8)) == nil)
         #expect(HTTPFuzzProbe.parse(base)?.body == Array("hello".utf8))
     }
+
+    /// One request each once killed batonvmm and its guest (issue: "One HTTP request kills
+    /// batonvmm"): the handler, not only the parser, must answer them.
+    @Test("handlers survive a bare '?' target, chunk sizes summing past Int.max and a 1e300 stall timeout")
+    func handlerRegressions() throws {
+        let service = VMMService()
+        let bare = try #require(HTTPFuzzProbe.parse(Array("GET ? HTTP/1.1\r\nHost: x\r\n\r\n".utf8)))
+        #expect(service.handle(bare).status == 404)
+        let overflow = Array("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7fffffffffffffff\r\nx\r\n0\r\n\r\n".utf8)
+        #expect(HTTPFuzzProbe.parse(overflow) == nil)
+        for value in ["1e300", "-1", "0"] {
+            let body = #"{"agent_socket":"/nonexistent","stall_timeout_seconds":"# + value + "}"
+            let request = try #require(HTTPFuzzProbe.parse(Array("PUT /api/v1/baton/handoff.prepare HTTP/1.1\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)".utf8)))
+            let response = service.handle(request)
+            #expect(response.status == 400, "stall_timeout_seconds \(value): \(response.status)")
+        }
+    }
 }

@@ -21,13 +21,13 @@ enum RealQEMU {
         return nil
     }()
 
-    static func domainXML(name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", serial: String) -> String {
+    static func domainXML(name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", serial: String, shared: Bool = true) -> String {
         """
         <domain type='qemu'>
           <name>\(name)</name>
           <memory unit='MiB'>\(memoryMiB)</memory>
           <vcpu>1</vcpu>
-          <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
+          \(shared ? "<memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>" : "")
           <os>
             <type arch='x86_64' machine='\(machine)'>hvm</type>
             <kernel>\(guest)/vmlinuz</kernel>
@@ -75,11 +75,11 @@ struct QEMUUpgradeTests {
         return state
     }
 
-    static func boot(_ name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", state: String) throws -> (LibvirtDomain, GuestConsole) {
+    static func boot(_ name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", shared: Bool = true, state: String) throws -> (LibvirtDomain, GuestConsole) {
         let serial = "\(state)/\(name).ser"
         let connection = try LibvirtConnection(uri: "qemu:///system")
         if let old = try? connection.domain(named: name) { try? old.destroy(); try? old.undefine() }
-        let domain = try connection.defineAndStart(xml: RealQEMU.domainXML(name: name, memoryMiB: memoryMiB, fillMiB: fillMiB, machine: machine, serial: serial))
+        let domain = try connection.defineAndStart(xml: RealQEMU.domainXML(name: name, memoryMiB: memoryMiB, fillMiB: fillMiB, machine: machine, serial: serial, shared: shared))
         return (domain, GuestConsole(path: serial))
     }
 
@@ -233,5 +233,31 @@ struct QEMUUpgradeTests {
         #expect(r.out.contains("does not support machine type pc-i440fx-2.0"), "\(r.out)")
         _ = try Self.expectContinued(name, console: console, before: before, binary: "/usr/bin/qemu-system-x86_64", pid: oldPid)
         #expect(try RealLibvirt.virsh("domstate", name) == "running")
+    }
+
+    @Test("private RAM: refused with the way to enroll; --allow-copy copies it through QEMU's stream; enroll makes the definition shared")
+    func privateRAM() throws {
+        if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
+        let state = try Self.bringUpLibvirt()
+        let name = "baton-qemu-private-\(getpid())"
+        let (_, console) = try Self.boot(name, memoryMiB: 256, fillMiB: 32, shared: false, state: state)
+        defer { Self.remove(name) }
+        var before = try console.ask("check", timeoutSeconds: 300)
+        let refused = try Self.upgrade(name, to: RealQEMU.newQEMU)
+        #expect(refused.status == 5 && refused.out.contains("private guest RAM") && refused.out.contains("baton enroll"), "\(refused.out)")
+        before = try Self.expectContinued(name, console: console, before: before, binary: "/usr/bin/qemu-system-x86_64", pid: nil)
+
+        let copied = try Self.upgrade(name, to: RealQEMU.newQEMU, extra: ["--allow-copy"])
+        #expect(copied.status == 0, "\(copied.out)")
+        #expect(copied.report["mode"] as? String == "copy" && copied.report["ramPages"] as? String == "copied")
+        #expect((copied.report["ramBytesMoved"] as? Int ?? 0) > 32 << 20, "the guest's data went through the stream")
+        _ = try Self.expectContinued(name, console: console, before: before, binary: RealQEMU.newQEMU, pid: nil)
+        try Self.expectManaged(name, version: "\"major\":10")
+
+        let enrolled = try Self.baton(["enroll", name])
+        #expect(enrolled.status == 0 && enrolled.out.contains("next cold boot"), "\(enrolled.out)")
+        let definition = try LibvirtConnection(uri: "qemu:///system").domain(named: name).inactiveXML()
+        #expect(definition.contains("<source type='memfd'/>") && definition.contains("<access mode='shared'/>"), "\(definition)")
+        #expect(try RealLibvirt.virsh("metadata", name, "https://baton.dev/xmlns/handoff/1", "--config").contains("state=\"enrolled\""))
     }
 }

@@ -4,6 +4,29 @@ import Testing
 
 @Suite("Syscall layer")
 struct SystemTests {
+    @Test("connecting to a listener that never accepts gives up at the deadline instead of hanging")
+    func boundedConnect() throws {
+        let dir = "/tmp/baton-connect-test-\(getpid())"
+        mkdir(dir, 0o700)
+        defer { rmdir(dir) }
+        let listener = try UnixListener(path: dir + "/wedged.sock", backlog: 0)
+        defer { listener.remove() }
+        var held: [UnixSocket] = []
+        // Fill the backlog (a listener that is up but deaf, as an EMFILE'd accept loop leaves it).
+        while let s = try? UnixSocket.connect(path: listener.path, timeoutSeconds: 0.05) { held.append(s); if held.count > 64 { break } }
+        #expect(held.count <= 64, "backlog never filled")
+        let start = Host.monotonicNanoseconds()
+        #expect(throws: SyscallError.self) { _ = try UnixSocket.connect(path: listener.path, timeoutSeconds: 0.3) }
+        let waited = Double(Host.monotonicNanoseconds() - start) / 1e9
+        #expect(waited >= 0.25 && waited < 5, "waited \(waited) s")
+    }
+
+    @Test("socket timeouts accept any Double (1e300 once trapped converting to Int)")
+    func socketTimeoutClamps() throws {
+        let (a, _) = try UnixSocket.pair()
+        for seconds in [1e300, -5, .nan, .infinity, 0.25] { try a.setTimeout(seconds: seconds) }
+    }
+
     @Test("errors name the call, the errno symbol and its text")
     func errorText() {
         let e = SyscallError("vmsplice", errno: EAGAIN)
