@@ -1,4 +1,5 @@
 import ArgumentParser
+import BatonController
 import BatonCore
 import BatonLibvirt
 import BatonQEMU
@@ -46,7 +47,7 @@ struct QEMUBench: ParsableCommand {
 
     func run() throws {
         let ramMiB = try parseSize(ram, option: "--ram") >> 20, fillMiB = try parseSize(fill, option: "--fill") >> 20
-        let dir = UpgradeOptionsDefaults.runDirectory + "/bench-qemu-\(getpid())"
+        let dir = UpgradeOptions.defaultRunDirectory + "/bench-qemu-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         var results: [ModeResult] = []
         for mode in modes.split(separator: ",").map(String.init) {
@@ -56,7 +57,7 @@ struct QEMUBench: ParsableCommand {
             var domain: (LibvirtDomain, String)?
             for i in 0..<runs {
                 if domain == nil || !cpr {
-                    if let (d, _) = domain { try? d.destroy(); try? d.undefine() }
+                    if let (_, name) = domain { remove(name) }
                     domain = try bootDomain(ramMiB: ramMiB, fillMiB: fillMiB, dir: dir)
                     if cpr { _ = try upgrade(domain!.1) }
                 }
@@ -68,7 +69,7 @@ struct QEMUBench: ParsableCommand {
                 raw.append(try rawHandover(cpr: cpr, ramMiB: ramMiB, fillMiB: fillMiB, dir: dir))
                 progress("\(mode) raw run \(i + 1): pause \(String(format: "%.2f", raw.last!)) ms")
             }
-            if let (d, _) = domain { try? d.destroy(); try? d.undefine() }
+            if let (_, name) = domain { remove(name) }
             let b = Spread(baton), r = Spread(raw)
             results.append(ModeResult(mode: mode, batonPauseMs: b, rawPauseMs: r, overheadMs: b.median - r.median, managementGapMs: Spread(gaps), batonSamples: baton, rawSamples: raw))
         }
@@ -98,6 +99,13 @@ struct QEMUBench: ParsableCommand {
         let console = GuestConsole(path: serial)
         _ = try console.ask("ping", timeoutSeconds: 900)
         return (d, name)
+    }
+
+    /// Through a fresh connection: every upgrade restarts libvirtd, which closes older ones.
+    func remove(_ name: String) {
+        guard let c = try? LibvirtConnection(uri: connect), let d = try? c.domain(named: name) else { return }
+        try? d.destroy()
+        try? d.undefine()
     }
 
     func upgrade(_ name: String) throws -> QEMUUpgradeReport {
@@ -177,8 +185,4 @@ struct QEMUBench: ParsableCommand {
         }
         return (resume - stop) * 1000
     }
-}
-
-enum UpgradeOptionsDefaults {
-    static var runDirectory: String { getuid() == 0 ? "/run/baton" : NSTemporaryDirectory() + "baton-\(getuid())" }
 }

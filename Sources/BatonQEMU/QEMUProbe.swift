@@ -58,6 +58,21 @@ enum QEMUHost {
         guard mkdir(path, 0o700) == 0 || errno == EEXIST else { throw SyscallError("mkdir(\(path))", errno: errno) }
     }
 
+    /// An exclusive lock on `dir/qemu-upgrade.lock`, or a refusal naming who holds it.
+    static func hostLock(in dir: String) throws -> Int32 {
+        let path = dir + "/qemu-upgrade.lock"
+        let fd = try checkedCall("open(\(path))") { open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600) }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            let holder = Host.readSmallFile(path)?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+            close(fd)
+            throw QEMUUpgradeError.refused("another QEMU upgrade (pid \(holder)) is running on this host; they stop and start the same libvirtd, so they run one at a time")
+        }
+        ftruncate(fd, 0)
+        let me = Array("\(getpid())\n".utf8)
+        _ = pwrite(fd, me, me.count, 0)
+        return fd
+    }
+
     /// The last line QEMU wrote to the domain's log (through virtlogd), for error messages.
     static func logTail(domain: String) -> String {
         let text = (try? String(contentsOfFile: "/var/log/libvirt/qemu/\(domain).log", encoding: .utf8)) ?? ""

@@ -235,6 +235,10 @@ public final class QEMUUpgrade {
         let previous = deferred.map { signal($0, SIG_IGN) }
         defer { for (sig, handler) in zip(deferred, previous) { signal(sig, handler) } }
         try QEMUHost.makePrivateDirectory(options.runDirectory)
+        // One QEMU upgrade per host at a time: each stops and starts the host's one libvirtd, and
+        // a second one restarting it mid-handoff would hand libvirtd the old QEMU.
+        let lock = try QEMUHost.hostLock(in: options.runDirectory)
+        defer { close(lock) }
         try preflight()
         journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-qemu-\(record.domain)-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")
         try log(.started)
@@ -336,6 +340,7 @@ public final class QEMUUpgrade {
                 try oldMonitor!.execute("migrate-set-parameters", arguments: ["max-bandwidth": 100 << 30])
             }
             try newMonitor!.execute("migrate-incoming", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
+            try QEMUVerification.compareDevices(old: oldMonitor!, new: newMonitor!)
         case .cprTransfer:
             // The new QEMU reads the CPR state before it opens its monitor; wait until it
             // listens on the cpr channel (a probing connect would be taken as the channel).
@@ -396,29 +401,44 @@ public final class QEMUUpgrade {
         }
         var info: QEMUMigrationInfo
         let deadline = Date().addingTimeInterval(options.timeoutSeconds)
+        if let new = newMonitor {
+            // The destination says when it has loaded everything (MIGRATION events): waiting for
+            // that costs no round trips. (Precopy can complete on the source while the
+            // destination still fails to load, so the destination's word is the one that counts.)
+            let end = try new.waitForEvent("MIGRATION") { ["completed", "failed", "cancelled"].contains($0?["status"]?.string ?? "") }
+            guard end.data?["status"]?.string == "completed" else {
+                info = (try? old.query("query-migrate", as: QEMUMigrationInfo.self)) ?? QEMUMigrationInfo(status: "failed", ram: nil, downtime: nil, errorDesc: nil)
+                throw QEMUUpgradeError.rolledBack("the new QEMU could not load the migration (\(end.data?["status"]?.string ?? "?")): \(info.errorDesc ?? QEMUHost.logTail(domain: record.domain))")
+            }
+        }
         while true {
+            // cpr-transfer: the new QEMU's monitor appears only once it has read the CPR state;
+            // connect as soon as it does, while the source finishes.
+            if newMonitor == nil, Host.isAlive(report.newPid) { newMonitor = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 0.05, commandTimeoutSeconds: options.timeoutSeconds) }
             info = try old.query("query-migrate", as: QEMUMigrationInfo.self)
             if ["completed", "failed", "cancelled"].contains(info.status ?? "") { break }
             guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("migration did not complete within \(options.timeoutSeconds) s (status \(info.status ?? "?"))") }
-            usleep(200)
+            usleep(100)
+        }
+        guard info.status == "completed" else { throw QEMUUpgradeError.rolledBack("migration \(info.status ?? "?"): \(info.errorDesc ?? "no reason given")") }
+        report.ramBytesMoved = info.ram?.transferred ?? 0
+        if newMonitor == nil { newMonitor = try waitForMonitor(of: report.newPid) }
+        let new = newMonitor!
+        if record.mode == .cprTransfer {
+            // No MIGRATION events from a destination whose capabilities could not be set: ask.
+            while true {
+                let s = try new.query("query-status", as: QEMURunState.self)
+                if s.status == "paused" || s.status == "running" { break }
+                guard Host.isAlive(report.newPid) else { throw QEMUUpgradeError.rolledBack("the new QEMU exited while loading the state: \(QEMUHost.logTail(domain: record.domain))") }
+                guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not load the state (status \(s.status))") }
+                usleep(100)
+            }
+            try QEMUVerification.compareDevices(old: old, new: new)
         }
         let migrated = Host.monotonicNanoseconds()
         report.breakdown.migrationMs = Double(migrated - start) / 1e6
-        guard info.status == "completed" else { throw QEMUUpgradeError.rolledBack("migration \(info.status ?? "?"): \(info.errorDesc ?? "no reason given")") }
-        report.ramBytesMoved = info.ram?.transferred ?? 0
         try log(.transferred, durable: false)
-        // Precopy can complete on the source while the destination still fails to load: see the
-        // new QEMU paused with the state loaded before trusting it.
-        if newMonitor == nil { newMonitor = try waitForMonitor(of: report.newPid) }
-        let new = newMonitor!
-        while true {
-            let s = try new.query("query-status", as: QEMURunState.self)
-            if s.status == "paused" || s.status == "running" { break }
-            guard Host.isAlive(report.newPid) else { throw QEMUUpgradeError.rolledBack("the new QEMU exited while loading the state: \(QEMUHost.logTail(domain: record.domain))") }
-            guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not load the state (status \(s.status))") }
-            usleep(200)
-        }
-        try QEMUVerification.compare(old: old, new: new, oldPid: report.oldPid, newPid: report.newPid, ram: ramFD)
+        if let ramFD { try QEMUVerification.compareRAM(oldPid: report.oldPid, newPid: report.newPid, ram: ramFD) }
         report.ramPages = record.mode == .copy ? "copied" : "shared"
         report.verified = true
         let verified = Host.monotonicNanoseconds()
@@ -426,14 +446,12 @@ public final class QEMUUpgrade {
         // The point of no return: once the new QEMU runs the guest, the shared RAM moves on and
         // the old process must never run again.
         try log(.committing)
-        try new.execute("cont")
-        while try new.query("query-status", as: QEMURunState.self).status != "running" { usleep(100) }
+        try new.execute("cont")  // returns once the vCPUs run (QEMU emits RESUME first)
         let running = Host.monotonicNanoseconds()
         report.breakdown.resumeMs = Double(running - verified) / 1e6
         report.controllerPauseMs = Double(running - start) / 1e6
         let stop = old.events.last { $0.name == "STOP" }?.seconds
-        _ = try? new.execute("query-status")  // collect the RESUME event
-        let resume = new.events.last { $0.name == "RESUME" }?.seconds
+        let resume = try? new.waitForEvent("RESUME").seconds
         if let stop, let resume, resume >= stop { report.pauseMs = (resume - stop) * 1000 } else { report.pauseMs = report.controllerPauseMs }
         try log(.committed)
     }

@@ -10,8 +10,9 @@ import Glibc
 enum QEMUVerification {
     static let samplePages = 64
 
-    /// `ram` nil (copy mode: private RAM, copied by QEMU's stream and checked by it): devices only.
-    static func compare(old: QMPConnection, new: QMPConnection, oldPid: pid_t, newPid: pid_t, ram: FileDescriptor?) throws {
+    /// Both QEMUs have the same devices. Nothing can hotplug while libvirtd is stopped, so this
+    /// holds from the moment both monitors answer; it runs before the pause where it can.
+    static func compareDevices(old: QMPConnection, new: QMPConnection) throws {
         for path in ["/machine/peripheral", "/machine/peripheral-anon"] {
             let a = try devices(old, path), b = try devices(new, path)
             guard a == b else {
@@ -19,7 +20,11 @@ enum QEMUVerification {
                 throw QEMUUpgradeError.integrity("device sets differ under \(path): new QEMU has extra [\(extra.joined(separator: ", "))], lacks [\(missing.joined(separator: ", "))]")
             }
         }
-        guard let ram else { return }
+    }
+
+    /// Both QEMUs map the same guest RAM: sampled pages of the memfd equal the same pages read
+    /// through each process's own mapping. Inside the pause (the RAM is frozen).
+    static func compareRAM(oldPid: pid_t, newPid: pid_t, ram: FileDescriptor) throws {
         let st = try ram.status()
         let size = Int(st.st_size)
         let page = 4096

@@ -50,7 +50,7 @@ public final class QMPConnection {
     public let path: String
     let socket: UnixSocket
     var buffer: [UInt8] = []
-    public private(set) var events: [(name: String, seconds: Double)] = []
+    public private(set) var events: [(name: String, seconds: Double, data: JSONValue?)] = []
 
     /// Connects, retrying until `timeoutSeconds` (a QEMU that is starting binds late), and
     /// negotiates capabilities. Every later read is bounded by `commandTimeoutSeconds`.
@@ -96,18 +96,32 @@ public final class QMPConnection {
         }
         while true {
             let reply = try readMessage(for: command)
-            if let event = reply["event"]?.string {
-                let ts = reply["timestamp"]
-                var seconds = 0.0
-                if case .number(let s)? = ts?["seconds"], case .number(let us)? = ts?["microseconds"] { seconds = s + us / 1e6 }
-                events.append((event, seconds))
-                continue
-            }
+            if keepIfEvent(reply) { continue }
             if let error = reply["error"] {
                 throw QMPError(kind: .command(errorClass: error["class"]?.string ?? "?"), command: command, message: error["desc"]?.string ?? "")
             }
             guard let value = reply["return"] else { throw QMPError(kind: .protocolViolation, command: command, message: "\(reply)") }
             return value
+        }
+    }
+
+    func keepIfEvent(_ message: JSONValue) -> Bool {
+        guard let event = message["event"]?.string else { return false }
+        var seconds = 0.0
+        if case .number(let s)? = message["timestamp"]?["seconds"], case .number(let us)? = message["timestamp"]?["microseconds"] { seconds = s + us / 1e6 }
+        events.append((event, seconds, message["data"]))
+        return true
+    }
+
+    /// Waits for an event `name` whose data satisfies `matching`, reading only what QEMU sends:
+    /// no polling round trips, which cost the guest pause milliseconds. Bounded by the
+    /// connection's command timeout (a silent QEMU is a transport error).
+    @discardableResult
+    public func waitForEvent(_ name: String, matching: (JSONValue?) -> Bool = { _ in true }) throws -> (seconds: Double, data: JSONValue?) {
+        if let e = events.first(where: { $0.name == name && matching($0.data) }) { return (e.seconds, e.data) }
+        while true {
+            let message = try readMessage(for: "wait for \(name)")
+            if keepIfEvent(message), let e = events.last, e.name == name, matching(e.data) { return (e.seconds, e.data) }
         }
     }
 

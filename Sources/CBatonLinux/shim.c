@@ -101,18 +101,12 @@ int cbaton_accept_cloexec(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOE
 #include <signal.h>
 #include <spawn.h>
 extern char **environ;
-int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd) {
-    posix_spawn_file_actions_t actions;
+/* posix_spawn with `actions` in a new session, an empty signal mask and default dispositions: a
+ * child spawned from a thread that blocks signals (dispatch workers block SIGTERM, SIGUSR1, ...)
+ * must not inherit that, or it would never see SIGTERM or a vCPU kick. Destroys `actions`. */
+static int spawn_in_session(int *pid, const char *path, char *const argv[], char *const envp[], posix_spawn_file_actions_t *actions) {
     posix_spawnattr_t attr;
-    posix_spawn_file_actions_init(&actions);
-    posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
-    posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
-    /* Only stdio: no descriptor some other thread happened to hold open leaks into the child. */
-    posix_spawn_file_actions_addclosefrom_np(&actions, 3);
     posix_spawnattr_init(&attr);
-    /* A new session, an empty signal mask and default dispositions: a child spawned from a
-     * thread that blocks signals (dispatch workers block SIGTERM, SIGUSR1, ...) must not
-     * inherit that, or it would never see SIGTERM or a vCPU kick. */
     sigset_t none, all;
     sigemptyset(&none);
     sigfillset(&all);
@@ -120,11 +114,21 @@ int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *c
     posix_spawnattr_setsigdefault(&attr, &all);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
     pid_t child = 0;
-    int rc = posix_spawn(&child, path, &actions, &attr, argv, envp ? envp : environ);
-    posix_spawn_file_actions_destroy(&actions);
+    int rc = posix_spawn(&child, path, actions, &attr, argv, envp ? envp : environ);
+    posix_spawn_file_actions_destroy(actions);
     posix_spawnattr_destroy(&attr);
     *pid = child;
     return rc;
+}
+
+int cbaton_spawn_session(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd) {
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
+    posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
+    /* Only stdio: no descriptor some other thread happened to hold open leaks into the child. */
+    posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+    return spawn_in_session(pid, path, argv, envp, &actions);
 }
 
 int cbaton_name_current_thread(const char *name) { return pthread_setname_np(pthread_self(), name); }
@@ -138,23 +142,10 @@ int cbaton_setns_mount(int fd) { return setns(fd, CLONE_NEWNS); }
 int cbaton_spawn_with_fds(int *pid, const char *path, char *const argv[], char *const envp[], int log_fd,
                           const int *from, const int *to, int count) {
     posix_spawn_file_actions_t actions;
-    posix_spawnattr_t attr;
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&actions, log_fd, 1);
     posix_spawn_file_actions_adddup2(&actions, log_fd, 2);
     for (int i = 0; i < count; i++) posix_spawn_file_actions_adddup2(&actions, from[i], to[i]);
-    posix_spawnattr_init(&attr);
-    sigset_t none, all;
-    sigemptyset(&none);
-    sigfillset(&all);
-    posix_spawnattr_setsigmask(&attr, &none);
-    posix_spawnattr_setsigdefault(&attr, &all);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-    pid_t child = 0;
-    int rc = posix_spawn(&child, path, &actions, &attr, argv, envp ? envp : environ);
-    posix_spawn_file_actions_destroy(&actions);
-    posix_spawnattr_destroy(&attr);
-    *pid = child;
-    return rc;
+    return spawn_in_session(pid, path, argv, envp, &actions);
 }

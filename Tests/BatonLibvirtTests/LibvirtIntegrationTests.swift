@@ -27,25 +27,39 @@ enum RealLibvirt {
         return (status, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
     }
 
+    static let upScript = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Scripts/libvirt-up.sh").standardized.path
+
+    /// (Re)starts libvirtd with a hook that runs this build's `baton hook` (the operator installs
+    /// Config/libvirt/hooks/qemu; the test points the same call at this build), logging into a
+    /// fresh state directory, which it returns. Cancels the test if libvirtd cannot start here.
+    static func bringUp(_ tag: String) throws -> String {
+        let state = try BatonProcess.makeRunDirectory(tag)
+        let hook = state + "/qemu-hook"
+        try "#!/bin/sh\nBATON_STATE_DIR=\(state) BATON_SOCKET=\(state)/serve.sock exec \(BatonProcess.executablePath) hook qemu \"$@\"\n"
+            .write(toFile: hook, atomically: true, encoding: .utf8)
+        chmod(hook, 0o755)
+        let up = try run(["/bin/bash", upScript, hook])
+        guard up.status == 0 else { try Test.cancel("libvirtd could not start here: \(up.out)") }
+        return state
+    }
+
     static func virsh(_ args: String...) throws -> String {
         try run(["/usr/bin/virsh", "-c", "qemu:///system"] + args).out.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 }
 
+/// Every suite that restarts the host's one libvirtd nests here, so none runs while another
+/// has libvirtd stopped for a QEMU handoff (.serialized covers nested suites).
+@Suite("real libvirtd (serialized)", .serialized)
+struct RealLibvirtHost {}
+
+extension RealLibvirtHost {
 @Suite("real libvirtd + QEMU", .serialized)
 struct LibvirtIntegrationTests {
     @Test("libvirtd calls Baton's hook, the adapter pauses/resumes and keeps metadata, a stock QEMU domain is refused before pausing")
     func endToEnd() throws {
         if let why = RealLibvirt.unavailableReason { try Test.cancel("real libvirt unavailable: \(why)") }
-        let state = try BatonProcess.makeRunDirectory("libvirt-it")
-        let hook = state + "/qemu-hook"
-        // The operator installs Config/libvirt/hooks/qemu; the test points the same call at this build.
-        try "#!/bin/sh\nBATON_STATE_DIR=\(state) BATON_SOCKET=\(state)/serve.sock exec \(BatonProcess.executablePath) hook qemu \"$@\"\n"
-            .write(toFile: hook, atomically: true, encoding: .utf8)
-        chmod(hook, 0o755)
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Scripts/libvirt-up.sh").standardized.path
-        let up = try RealLibvirt.run(["/bin/bash", script, hook])
-        guard up.status == 0 else { try Test.cancel("libvirtd could not start here: \(up.out)") }
+        let state = try RealLibvirt.bringUp("libvirt-it")
 
         let name = "baton-it-\(getpid())"
         let type = FileManager.default.fileExists(atPath: "/dev/kvm") ? "kvm" : "qemu"
@@ -98,4 +112,5 @@ struct LibvirtIntegrationTests {
         let leftover = try RealLibvirt.run(["/usr/bin/pgrep", "-f", "guest=\(name)"])
         #expect(leftover.out.isEmpty, "QEMU for \(name) still running: \(leftover.out)")
     }
+}
 }

@@ -61,20 +61,9 @@ struct BatonTestFailure: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
+extension RealLibvirtHost {
 @Suite("real QEMU upgrades under libvirt", .serialized)
 struct QEMUUpgradeTests {
-    static func bringUpLibvirt() throws -> String {
-        let state = try BatonProcess.makeRunDirectory("qemu-it")
-        let hook = state + "/qemu-hook"
-        try "#!/bin/sh\nBATON_STATE_DIR=\(state) BATON_SOCKET=\(state)/serve.sock exec \(BatonProcess.executablePath) hook qemu \"$@\"\n"
-            .write(toFile: hook, atomically: true, encoding: .utf8)
-        chmod(hook, 0o755)
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Scripts/libvirt-up.sh").standardized.path
-        let up = try RealLibvirt.run(["/bin/bash", script, hook])
-        guard up.status == 0 else { try Test.cancel("libvirtd could not start here: \(up.out)") }
-        return state
-    }
-
     static func boot(_ name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", shared: Bool = true, state: String) throws -> (LibvirtDomain, GuestConsole) {
         let serial = "\(state)/\(name).ser"
         let connection = try LibvirtConnection(uri: "qemu:///system")
@@ -138,7 +127,7 @@ struct QEMUUpgradeTests {
     @Test("7.2 → 10.0 by x-ignore-shared, then 10.0 → 10.0 by cpr-transfer: the guest continues, libvirt manages the new QEMU, a libvirtd restart reconnects")
     func upgradeTwice() throws {
         if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
-        let state = try Self.bringUpLibvirt()
+        let state = try RealLibvirt.bringUp("qemu-it")
         let name = "baton-qemu-\(getpid())"
         let (_, console) = try Self.boot(name, memoryMiB: 1024, fillMiB: 768, state: state)
         defer { Self.remove(name) }
@@ -159,7 +148,7 @@ struct QEMUUpgradeTests {
         #expect(try LibvirtConnection(uri: "qemu:///system").domain(named: name).inactiveXML().contains("<emulator>\(RealQEMU.newQEMU)</emulator>"), "--update-definition")
 
         // libvirtd restarts and reconnects to the adopted QEMU; its reconnect hook fires.
-        let up = try RealLibvirt.run(["/bin/bash", URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Scripts/libvirt-up.sh").standardized.path, state + "/qemu-hook"])
+        let up = try RealLibvirt.run(["/bin/bash", RealLibvirt.upScript, state + "/qemu-hook"])
         #expect(up.status == 0, "\(up.out)")
         #expect(try RealLibvirt.virsh("domstate", name) == "running")
         let hookLog = (try? String(contentsOfFile: state + "/hook.log", encoding: .utf8)) ?? ""
@@ -173,7 +162,7 @@ struct QEMUUpgradeTests {
     @Test("failures before the new QEMU runs leave the old one running the guest, managed by libvirt")
     func failuresRollBack() throws {
         if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
-        let state = try Self.bringUpLibvirt()
+        let state = try RealLibvirt.bringUp("qemu-it")
         let name = "baton-qemu-fail-\(getpid())"
         let (_, console) = try Self.boot(name, memoryMiB: 256, fillMiB: 32, state: state)
         defer { Self.remove(name) }
@@ -221,7 +210,7 @@ struct QEMUUpgradeTests {
     @Test("a new QEMU without the domain's machine type is refused before anything is paused")
     func machineTypeRefused() throws {
         if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
-        let state = try Self.bringUpLibvirt()
+        let state = try RealLibvirt.bringUp("qemu-it")
         let name = "baton-qemu-old-machine-\(getpid())"
         // pc-i440fx-2.0 exists in QEMU 7.2 and was removed before 10.0.
         let (_, console) = try Self.boot(name, memoryMiB: 128, fillMiB: 8, machine: "pc-i440fx-2.0", state: state)
@@ -238,7 +227,7 @@ struct QEMUUpgradeTests {
     @Test("private RAM: refused with the way to enroll; --allow-copy copies it through QEMU's stream; enroll makes the definition shared")
     func privateRAM() throws {
         if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
-        let state = try Self.bringUpLibvirt()
+        let state = try RealLibvirt.bringUp("qemu-it")
         let name = "baton-qemu-private-\(getpid())"
         let (_, console) = try Self.boot(name, memoryMiB: 256, fillMiB: 32, shared: false, state: state)
         defer { Self.remove(name) }
@@ -260,4 +249,5 @@ struct QEMUUpgradeTests {
         #expect(definition.contains("<source type='memfd'/>") && definition.contains("<access mode='shared'/>"), "\(definition)")
         #expect(try RealLibvirt.virsh("metadata", name, "https://baton.dev/xmlns/handoff/1", "--config").contains("state=\"enrolled\""))
     }
+}
 }
