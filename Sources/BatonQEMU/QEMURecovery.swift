@@ -12,7 +12,7 @@ public enum QEMURecovery {
     /// start libvirtd. Returns the old QEMU's run state as observed afterwards.
     @discardableResult
     public static func rollBack(record: QEMUHandoffRecord, oldMonitor: QMPConnection?, newMonitor: QMPConnection?) -> String {
-        if let newPid = record.newPid, newPid != record.oldPid { killAndWait(newPid) }
+        if let newPid = record.newPid, newPid != record.oldPid, isQEMU(newPid, of: record.domain) { killAndWait(newPid) }
         for (path, kept) in record.movedSockets where FileManager.default.fileExists(atPath: kept) {
             rename(kept, path)
         }
@@ -32,7 +32,7 @@ public enum QEMURecovery {
     /// Fence the old QEMU, make libvirt's status file describe the new one, start libvirtd
     /// (its reconnect adopts the new QEMU), and check that libvirt sees the domain running.
     public static func rollForward(record: QEMUHandoffRecord, newVCPUs: [Int: Int32]) throws {
-        guard let newPid = record.newPid, Host.isAlive(newPid) else {
+        guard let newPid = record.newPid, isQEMU(newPid, of: record.domain) else {
             throw QEMUUpgradeError.rollForwardIncomplete("the new QEMU (pid \(record.newPid ?? 0)) is not running")
         }
         let statusText: String
@@ -54,7 +54,7 @@ public enum QEMURecovery {
         }
         // SIGKILL, never a clean exit: QEMU unlinks the paths of its listening sockets when it
         // exits cleanly, and those paths now belong to the new QEMU.
-        if record.oldPid != newPid { killAndWait(record.oldPid) }
+        if record.oldPid != newPid, isQEMU(record.oldPid, of: record.domain) { killAndWait(record.oldPid) }
         for kept in record.movedSockets.values { unlink(kept) }
         if status.pid != newPid {
             let rewritten = try status.rewritten(pid: newPid, vcpus: vcpus, emulator: record.newEmulator, flags: record.newCapabilityFlags)
@@ -91,22 +91,29 @@ public enum QEMURecovery {
         }
         let phases = Set(entries.map(\.phase))
         if phases.contains(.done) || phases.contains(.rolledBack) { return "upgrade of \(record.domain) already finished" }
-        func note(_ phase: UpgradeJournal.Phase, _ text: String) {
-            try? journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: record.domain, oldPid: record.oldPid, newPid: record.newPid, note: text, context: context))
+        func note(_ phase: UpgradeJournal.Phase, _ text: String) throws {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: record.domain, oldPid: record.oldPid, newPid: record.newPid, note: text, context: context))
         }
-        if phases.contains(.committing), let newPid = record.newPid, Host.isAlive(newPid) {
+        if phases.contains(.committing), let newPid = record.newPid, isQEMU(newPid, of: record.domain) {
             // The new QEMU may have been stopped at the state load: run it, then finish.
             if let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5),
                let s = try? m.query("query-status", as: QEMURunState.self), !s.running, s.status == "paused" {
                 _ = try? m.execute("cont")
             }
             try rollForward(record: record, newVCPUs: [:])
-            note(.done, "recovered forward")
+            try note(.done, "recovered forward")
             return "rolled forward: the new QEMU (pid \(newPid)) runs \(record.domain), libvirt adopted it"
         }
         let observed = rollBack(record: record, oldMonitor: nil, newMonitor: nil)
-        note(.rolledBack, "recovered back")
+        try note(.rolledBack, "recovered back")
         return "rolled back: the old QEMU (pid \(record.oldPid)) \(observed)"
+    }
+
+    /// Whether `pid` is still a QEMU running `domain` (a journal's pid may have been reused by
+    /// an unrelated process since; recovery must never kill that).
+    static func isQEMU(_ pid: pid_t, of domain: String) -> Bool {
+        guard Host.isAlive(pid), let argv = try? ProcessHandles.commandLine(of: pid) else { return false }
+        return argv.first?.contains("qemu-system") == true && argv.contains { $0.hasPrefix("guest=\(domain),") || $0 == "guest=\(domain)" }
     }
 
     static func killAndWait(_ pid: pid_t) {
