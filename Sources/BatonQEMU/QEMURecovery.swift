@@ -26,7 +26,7 @@ public enum QEMURecovery {
             observed = "gone"
         }
         _ = try? record.libvirtd.start(uri: record.uri)
-        return "running the guest: \(observed)"
+        return observed == "running" ? "runs the guest (observed: running)" : "observed: \(observed)"
     }
 
     /// Fence the old QEMU, make libvirt's status file describe the new one, start libvirtd

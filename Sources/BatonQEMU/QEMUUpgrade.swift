@@ -96,6 +96,8 @@ public final class QEMUUpgrade {
     var movedListeners: [String: UnixListener] = [:]
     var passedSockets: [Int32: FileDescriptor] = [:]
     var libvirtdStoppedAt: UInt64?
+    /// `committing` is journaled: the new QEMU may run the guest from here on.
+    var pastPointOfNoReturn = false
 
     public init(options: QEMUUpgradeOptions) {
         self.options = options
@@ -253,20 +255,32 @@ public final class QEMUUpgrade {
         } catch let crash as ControllerCrashed {
             throw crash
         } catch {
-            if committed {
+            // Past `committing` the new QEMU may already run the guest (a `cont` whose reply was
+            // lost): while it lives, only forward is safe.
+            if committed || (pastPointOfNoReturn && QEMURecovery.isQEMU(report.newPid, of: record.domain)) {
                 report.error = "\(error)"
+                if !committed {
+                    _ = try? newMonitor?.execute("cont")
+                    do { try finishForward(); return report } catch {
+                        throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
+                    }
+                }
                 throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
             }
-            report.observedAfterRollback = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor)
+            let observed = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor)
+            report.observedAfterRollback = observed
             report.rolledBack = true
             report.error = "\(error)"
             report.managementGapMs = libvirtdStoppedAt.map { Double(Host.monotonicNanoseconds() - $0) / 1e6 } ?? 0
-            try? log(.rolledBack, note: "\(error)")
-            if case QEMUUpgradeError.integrity(let why) = error { throw QEMUUpgradeError.integrity(why) }
-            if case QEMUUpgradeError.refused = error { throw error }
-            if case QEMUUpgradeError.unsupported = error { throw error }
-            if case QEMUUpgradeError.rolledBack = error { throw error }
-            throw QEMUUpgradeError.rolledBack("\(error)")
+            try? log(.rolledBack, note: "\(error); old QEMU \(observed)")
+            // Say what was observed, not what should be true.
+            let reason: String
+            switch error {
+            case QEMUUpgradeError.integrity(let why): throw QEMUUpgradeError.integrity("\(why) (old QEMU \(observed))")
+            case QEMUUpgradeError.rolledBack(let why): reason = why
+            default: reason = "\(error)"
+            }
+            throw QEMUUpgradeError.rolledBack("\(reason) (old QEMU \(observed))")
         }
     }
 
@@ -446,6 +460,7 @@ public final class QEMUUpgrade {
         // The point of no return: once the new QEMU runs the guest, the shared RAM moves on and
         // the old process must never run again.
         try log(.committing)
+        pastPointOfNoReturn = true
         try new.execute("cont")  // returns once the vCPUs run (QEMU emits RESUME first)
         let running = Host.monotonicNanoseconds()
         report.breakdown.resumeMs = Double(running - verified) / 1e6

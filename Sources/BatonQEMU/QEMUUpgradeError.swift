@@ -17,8 +17,8 @@ public enum QEMUUpgradeError: Error, CustomStringConvertible, Sendable {
         switch self {
         case .refused(let m): "refused: \(m); nothing was paused"
         case .unsupported(let m): "unsupported: \(m); nothing was paused"
-        case .rolledBack(let m): "\(m); rolled back, the old QEMU runs the guest"
-        case .integrity(let m): "integrity check failed: \(m); rolled back, the old QEMU runs the guest"
+        case .rolledBack(let m): "\(m); rolled back"
+        case .integrity(let m): "integrity check failed: \(m); rolled back"
         case .rollForwardIncomplete(let m): "the new QEMU runs the guest, but: \(m)"
         }
     }
