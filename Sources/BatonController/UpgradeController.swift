@@ -85,6 +85,17 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
     }
 
     public var description: String { "\(action.rawValue):\(phase.rawValue)" }
+
+    /// Fires if `phase` is this fault's phase: SIGKILL the new or old instance (pid 0: none
+    /// yet), or stop dead as a crashed controller would.
+    public func fire(at phase: UpgradeJournal.Phase, newPid: Int32, oldPid: Int32, journalPath: String) throws {
+        guard phase == self.phase else { return }
+        switch action {
+        case .killNew: if newPid > 0 { kill(newPid, SIGKILL) }
+        case .killOld: if oldPid > 0 { kill(oldPid, SIGKILL) }
+        case .crash: throw ControllerCrashed(phase: phase, journalPath: journalPath)
+        }
+    }
 }
 
 /// Thrown when `crash-controller-after` fires: everything after it is left as a crash leaves it.
@@ -149,12 +160,7 @@ public final class UpgradeController {
         let durable = ![.paused, .transferred].contains(phase)  // informational, and inside the pause
         try? journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
                                    oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note), durable: durable)
-        guard let fault = options.fault, fault.phase == phase else { return }
-        switch fault.action {
-        case .killNew: if report.newPid > 0 { kill(report.newPid, SIGKILL) }
-        case .killOld: if report.oldPid > 0 { kill(report.oldPid, SIGKILL) }
-        case .crash: throw ControllerCrashed(phase: phase, journalPath: journal?.path ?? "")
-        }
+        try options.fault?.fire(at: phase, newPid: report.newPid, oldPid: report.oldPid, journalPath: journal?.path ?? "")
     }
 
     public func run() throws -> UpgradeReport {
@@ -313,11 +319,7 @@ public final class UpgradeController {
         report.ramBytes = UInt64(before.ramBytes)
         // After the exec there is no going back, so the new binary runs once first, outside the
         // pause: a build that cannot even start never replaces the running one.
-        let probeLog = NSTemporaryDirectory() + "baton-probe-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).log"
-        defer { try? FileManager.default.removeItem(atPath: probeLog) }
-        let probe = try Spawn.detached(options.binary, ["--version"], logPath: probeLog)
-        let probeStatus = Spawn.wait(probe)
-        let probeText = (try? String(contentsOfFile: probeLog, encoding: .utf8)) ?? ""
+        let (probeStatus, probeText) = try Spawn.run(options.binary, ["--version"])
         guard probeStatus == 0, probeText.contains("batonvmm") else {
             throw UpgradeFailure(description: "new binary \(options.binary) failed its --version probe (status \(probeStatus)): \(probeText.split(separator: "\n").first ?? ""); nothing was changed", report: report)
         }

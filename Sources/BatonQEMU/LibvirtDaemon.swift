@@ -16,8 +16,14 @@ public struct LibvirtDaemon: Codable, Sendable {
         self.commandLine = commandLine
     }
 
+    /// The live pid named in `pidFile`, or nil.
+    static func livePid(in pidFile: String) -> pid_t? {
+        guard let text = Host.readSmallFile(pidFile), let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), Host.isAlive(pid) else { return nil }
+        return pid
+    }
+
     public static func running(pidFile: String = "/run/libvirtd.pid") throws -> LibvirtDaemon {
-        guard let text = Host.readSmallFile(pidFile), let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), Host.isAlive(pid) else {
+        guard let pid = livePid(in: pidFile) else {
             throw QEMUUpgradeError.refused("libvirtd is not running (no live pid in \(pidFile)); Baton restarts libvirtd to have it adopt the new QEMU")
         }
         var argv = try ProcessHandles.commandLine(of: pid)
@@ -27,10 +33,7 @@ public struct LibvirtDaemon: Codable, Sendable {
         return LibvirtDaemon(pidFile: pidFile, commandLine: argv)
     }
 
-    public var pid: pid_t? {
-        guard let text = Host.readSmallFile(pidFile), let pid = pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines)), Host.isAlive(pid) else { return nil }
-        return pid
-    }
+    public var pid: pid_t? { Self.livePid(in: pidFile) }
 
     /// SIGTERM and wait (bounded) until the process is gone. Returns milliseconds taken.
     @discardableResult

@@ -205,11 +205,7 @@ public final class QEMUUpgrade {
     }
 
     static func capture(_ binary: String, _ args: [String]) throws -> String {
-        let log = NSTemporaryDirectory() + "baton-capture-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        defer { unlink(log) }
-        let pid = try Spawn.detached(binary, args, logPath: log)
-        let status = Spawn.wait(pid)
-        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        let (status, text) = try Spawn.run(binary, args)
         guard status == 0 else { throw QEMUUpgradeError.refused("\(binary) \(args.joined(separator: " ")) exited with status \(status): \(text.split(separator: "\n").last ?? "")") }
         return text
     }
@@ -219,12 +215,7 @@ public final class QEMUUpgrade {
     func log(_ phase: UpgradeJournal.Phase, note: String? = nil, durable: Bool = true) throws {
         try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
                                  newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: record.json), durable: durable)
-        guard let fault = options.fault, fault.phase == phase else { return }
-        switch fault.action {
-        case .killNew: if report.newPid > 0 { kill(report.newPid, SIGKILL) }
-        case .killOld: kill(report.oldPid, SIGKILL)
-        case .crash: throw ControllerCrashed(phase: phase, journalPath: journal.path)
-        }
+        try options.fault?.fire(at: phase, newPid: report.newPid, oldPid: report.oldPid, journalPath: journal.path)
     }
 
     public func run() throws -> QEMUUpgradeReport {

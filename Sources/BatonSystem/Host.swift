@@ -139,6 +139,16 @@ public enum Spawn {
         return pid
     }
 
+    /// Runs `path` to completion (a new session, stdout and stderr into one temporary log) and
+    /// returns its exit status and combined output.
+    public static func run(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+        let log = NSTemporaryDirectory() + "baton-run-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).log"
+        defer { unlink(log) }
+        let pid = try detached(path, arguments, logPath: log, environment: environment)
+        let status = wait(pid)
+        return (status, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+    }
+
     /// Waits for `pid` to exit and returns its status (128 + signal if killed).
     public static func wait(_ pid: pid_t) -> Int32 {
         var status: Int32 = 0

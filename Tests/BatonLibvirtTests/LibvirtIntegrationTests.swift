@@ -20,11 +20,8 @@ enum RealLibvirt {
     /// Runs a command with a clean signal mask (daemons it starts must get SIGTERM) and returns
     /// its status and combined output.
     static func run(_ argv: [String]) throws -> (status: Int32, out: String) {
-        let log = NSTemporaryDirectory() + "baton-run-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
-        defer { try? FileManager.default.removeItem(atPath: log) }
-        let pid = try Spawn.detached(argv[0], Array(argv.dropFirst()), logPath: log)
-        let status = Spawn.wait(pid)
-        return (status, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
+        let r = try Spawn.run(argv[0], Array(argv.dropFirst()))
+        return (r.status, r.output)
     }
 
     static let upScript = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../Scripts/libvirt-up.sh").standardized.path

@@ -75,11 +75,7 @@ struct QEMUUpgradeTests {
     /// Runs `baton ARGS` with Spawn (plain waitpid: Foundation's Process lost the exit of a
     /// child that had restarted libvirtd) and returns its status, its JSON report and all output.
     static func baton(_ args: [String], environment: [String: String] = [:]) throws -> (status: Int32, report: [String: Any], out: String) {
-        let log = NSTemporaryDirectory() + "baton-qemu-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log"
-        defer { unlink(log) }
-        let pid = try Spawn.detached(BatonProcess.executablePath, args, logPath: log, environment: environment)
-        let status = Spawn.wait(pid)
-        let out = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        let (status, out) = try Spawn.run(BatonProcess.executablePath, args, environment: environment)
         let line = out.split(separator: "\n").last { $0.hasPrefix("{") }.map(String.init) ?? "{}"
         let report = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any] ?? [:]
         return (status, report, out)
