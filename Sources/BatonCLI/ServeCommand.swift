@@ -1,5 +1,6 @@
 import ArgumentParser
 import BatonController
+import BatonQEMU
 import BatonSystem
 import Foundation
 import Glibc
@@ -19,13 +20,17 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Seconds to wait for running upgrades on shutdown.")
     var drainSeconds: Double = 120
 
+    @Option(help: "libvirt connection URI whose QEMU domains the metrics count as stale.")
+    var connect: String = "qemu:///system"
+
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
         for dir in [(socket as NSString).deletingLastPathComponent, state] {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             chmod(dir, 0o700)
         }
-        let service = BatonService(stateDirectory: state)
+        let uri = connect
+        let service = BatonService(stateDirectory: state) { (try? QEMUInventory.scan(uri: uri))?.filter(\.stale).count }
         // Hook events queued while the service was down.
         let queue = state + "/hook-queue.jsonl"
         if let queued = try? String(contentsOfFile: queue, encoding: .utf8) {
@@ -109,15 +114,20 @@ enum ServiceClient {
 }
 
 struct StatusCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "Ask `baton serve` for its status (or Prometheus metrics).")
+    static let configuration = CommandConfiguration(
+        commandName: "status",
+        abstract: "The host's state: `baton serve` (if it runs) and every running QEMU domain, stale ones first (running a binary no longer installed at its emulator path).")
 
     @Option(help: "Service socket.")
     var socket: String = BatonPaths.serviceSocket
 
-    @Flag(help: "One JSON object.")
+    @Option(help: "libvirt connection URI whose QEMU domains are listed.")
+    var connect: String = "qemu:///system"
+
+    @Flag(help: "One JSON object: the service's fields, plus \"domains\" and \"staleDomains\".")
     var json = false
 
-    @Flag(help: "Prometheus text format instead.")
+    @Flag(help: "The service's Prometheus text instead.")
     var metrics = false
 
     func run() throws {
@@ -125,11 +135,43 @@ struct StatusCommand: ParsableCommand {
             print(try ServiceClient.request(socket, ["op": "metrics"], timeout: 10)["metrics"] as? String ?? "", terminator: "")
             return
         }
-        let reply = try ServiceClient.request(socket, ["op": "status"], timeout: 10)
+        var reply: [String: Any]
+        var serviceError: String?
+        do { reply = try ServiceClient.request(socket, ["op": "status"], timeout: 10) } catch {
+            reply = [:]
+            serviceError = "\(error)"
+        }
+        let domains: [QEMUDomainStatus]?
+        var libvirtError: String?
+        do { domains = try QEMUInventory.scan(uri: connect).sorted { ($0.stale ? 0 : 1, $0.domain) < ($1.stale ? 0 : 1, $1.domain) } } catch {
+            domains = nil
+            libvirtError = "\(error)"
+        }
+        guard serviceError == nil || domains != nil else {
+            throw fail("neither baton serve (\(serviceError ?? "")) nor libvirt (\(libvirtError ?? "")) answered", .failure)
+        }
         if json {
+            if let serviceError { reply["service"] = "unreachable: \(serviceError)" }
+            if let domains {
+                reply["domains"] = try JSONSerialization.jsonObject(with: JSONEncoder().encode(domains))
+                reply["staleDomains"] = domains.filter(\.stale).count
+            } else {
+                reply["domainsError"] = libvirtError ?? ""
+            }
             print(String(decoding: try JSONSerialization.data(withJSONObject: reply, options: [.sortedKeys]), as: UTF8.self))
+            return
+        }
+        if let serviceError {
+            print("baton serve: not reachable (\(serviceError))")
         } else {
             print("baton serve pid \(reply["pid"] ?? "?"), up \(reply["uptimeSeconds"] ?? 0) s: \(reply["completed"] ?? 0) completed, \(reply["failed"] ?? 0) failed (\(reply["rolledBack"] ?? 0) rolled back), \(reply["refused"] ?? 0) refused; in flight: \((reply["inFlight"] as? [String])?.joined(separator: ", ") ?? "none")")
+        }
+        guard let domains else { print("QEMU domains on \(connect): unknown (\(libvirtError ?? ""))"); return }
+        print("QEMU domains on \(connect): \(domains.count) running, \(domains.filter(\.stale).count) stale")
+        for d in domains {
+            let versions = d.stale ? "QEMU \(d.runningVersion ?? "?") running, \(d.installedVersion ?? "none") installed" : "QEMU \(d.runningVersion ?? "?")"
+            let ram = d.sharedRAM ? "" : "; private RAM: `baton enroll \(d.domain)` and cold-boot before it can be upgraded"
+            print("  \(d.domain)  pid \(d.pid)  \(versions)  \(d.stale ? "STALE: \(d.staleReason ?? "")" : "current")\(ram)")
         }
     }
 }

@@ -14,14 +14,23 @@ struct UpgradeCommand: ParsableCommand {
     @Option(help: "The VM's control socket (batonvmm --control / --api-socket path=).")
     var vm: String?
 
-    @Option(help: "A libvirt domain (name or UUID) instead of --vm; it must carry Baton's <baton:handoff agent=...> metadata.")
-    var domain: String?
+    @Option(name: .customLong("domain"), help: "A libvirt domain (name or UUID) instead of --vm: a QEMU domain, or one carrying Baton's <baton:handoff agent=...> metadata. Repeat it to upgrade several QEMU domains as one batch.")
+    var domains: [String] = []
+
+    @Flag(help: "Every stale QEMU domain of --connect (its process runs a binary no longer at its emulator path; with --binary: every domain not running that binary), as one batch.")
+    var all = false
+
+    @Option(help: "Batches: at most this many handoffs at a time (each its own pause).")
+    var parallel: Int = 1
+
+    @Option(help: "QEMU domains: cancel a handoff whose pause would exceed this many milliseconds (the domain stays on the old QEMU).")
+    var maxPauseMs: Double?
 
     @Option(help: "libvirt connection URI for --domain.")
     var connect: String = "qemu:///system"
 
-    @Option(help: "The new hypervisor binary: batonvmm, or for a QEMU domain the new qemu-system-x86_64.")
-    var binary: String
+    @Option(help: "The new hypervisor binary: batonvmm, or for a QEMU domain the new qemu-system-x86_64 (default for QEMU: the binary now installed at the domain's emulator path).")
+    var binary: String?
 
     @Flag(help: "QEMU domains: also point the persistent definition's <emulator> at --binary (the next cold boot uses it).")
     var updateDefinition = false
@@ -56,14 +65,23 @@ struct UpgradeCommand: ParsableCommand {
     @Option(help: "Submit to `baton serve` at this socket instead of running here (one upgrade per VM at a time).")
     var service: String?
 
+    /// The one domain of a single (non-batch) upgrade.
+    var domain: String? { !all && domains.count == 1 ? domains[0] : nil }
+
     func validate() throws {
-        guard (vm == nil) != (domain == nil) else { throw ValidationError("give exactly one of --vm SOCKET or --domain NAME") }
+        guard [vm != nil, !domains.isEmpty, all].filter({ $0 }).count == 1 else {
+            throw ValidationError("give exactly one of --vm SOCKET, --domain NAME (repeatable) or --all")
+        }
+        guard vm == nil || binary != nil else { throw ValidationError("--vm needs --binary (the new batonvmm)") }
+        guard parallel >= 1 && parallel <= 64 else { throw ValidationError("--parallel: \(parallel) is not between 1 and 64") }
+        if let m = maxPauseMs, !(m > 0 && m.isFinite) { throw ValidationError("--max-pause-ms: \(m) is not a positive number of milliseconds") }
         guard ["gift", "memfd", "copy", "auto"].contains(transport) else {
             throw ValidationError("--transport: '\(transport)' is not gift, memfd, copy or auto")
         }
     }
 
     func run() throws {
+        if all || domains.count > 1 { return try upgradeQEMUBatch() }
         var domainHandle: LibvirtDomain?
         var chDomain = false
         var record = BatonMetadata()
@@ -99,6 +117,7 @@ struct UpgradeCommand: ParsableCommand {
                 Host.appendLine(line, to: state + "/handoffs.jsonl")
             }
         }
+        guard let binary else { throw fail("--binary: give the new batonvmm", .usage) }
         if let service {
             let reply = try ServiceClient.request(service, ["op": "upgrade", "vm": vm, "binary": binary, "transport": transport, "release_source": releaseSource])
             if json, let report = reply["report"] {
@@ -135,32 +154,50 @@ struct UpgradeCommand: ParsableCommand {
 }
 
 extension UpgradeCommand {
-    func upgradeQEMU(domain: String) throws {
-        guard service == nil else { throw fail("--service is not supported for QEMU domains yet; run the upgrade here", .usage) }
-        var options = QEMUUpgradeOptions(domain: domain, newEmulator: binary)
+    /// Options shared by single and batch QEMU upgrades.
+    func qemuOptions(domain: String, newEmulator: String) throws -> QEMUUpgradeOptions {
+        var options = QEMUUpgradeOptions(domain: domain, newEmulator: newEmulator)
         options.uri = connect
         options.journalPath = journal
         options.runDirectory = runDirectory
         options.updateDefinition = updateDefinition
         options.allowCopy = allowCopy
         options.timeoutSeconds = timeout
+        options.maxPauseMs = maxPauseMs
         if let text = ProcessInfo.processInfo.environment["BATON_CONTROLLER_FAULT"] {
             guard let fault = ControllerFault(parsing: text) else { throw fail("BATON_CONTROLLER_FAULT: '\(text)' is not ACTION:PHASE", .usage) }
             options.fault = fault
         }
-        let upgrade = QEMUUpgrade(options: options)
+        return options
+    }
+
+    /// The new QEMU for `domain`: --binary, or the binary installed at its emulator path.
+    func newEmulator(for domain: String) throws -> String {
+        if let binary { return binary }
+        guard let emulator = try? LibvirtConnection(uri: connect).domain(domain).emulator() else {
+            throw fail("domain \(domain): no <emulator> to upgrade to; give --binary; nothing was paused", .peerRefused)
+        }
+        return emulator
+    }
+
+    /// The handoff record in the domain's metadata (a fresh connection: libvirtd restarted).
+    func recordHandoff(_ report: QEMUUpgradeReport) {
+        guard let d = try? LibvirtConnection(uri: connect).domain(report.domain) else { return }
+        var meta = (try? d.metadata()).flatMap { $0 }.flatMap(BatonMetadata.init(element:)) ?? BatonMetadata()
+        meta.generation += 1
+        meta.state = "committed"
+        meta.oldPid = report.oldPid
+        meta.newPid = report.newPid
+        meta.transport = report.mode
+        try? d.setMetadata(meta.element)
+    }
+
+    func upgradeQEMU(domain: String) throws {
+        guard service == nil else { throw fail("--service is not supported for QEMU domains yet; run the upgrade here", .usage) }
+        let upgrade = QEMUUpgrade(options: try qemuOptions(domain: domain, newEmulator: try newEmulator(for: domain)))
         do {
             let report = try upgrade.run()
-            // The handoff record in the domain's metadata (a fresh connection: libvirtd restarted).
-            if let d = try? LibvirtConnection(uri: connect).domain(domain) {
-                var meta = (try? d.metadata()).flatMap { $0 }.flatMap(BatonMetadata.init(element:)) ?? BatonMetadata()
-                meta.generation += 1
-                meta.state = "committed"
-                meta.oldPid = report.oldPid
-                meta.newPid = report.newPid
-                meta.transport = report.mode
-                try? d.setMetadata(meta.element)
-            }
+            recordHandoff(report)
             if json { printJSON(report) } else { print(report.line) }
         } catch let error as QEMUUpgradeError {
             if json { printJSON(upgrade.report) }
@@ -168,6 +205,60 @@ extension UpgradeCommand {
         } catch let crash as ControllerCrashed {
             throw fail("\(crash)", .failure)
         }
+    }
+}
+
+extension UpgradeCommand {
+    /// `--all` or several `--domain`s: one batch, one libvirtd restart, `--parallel` handoffs at
+    /// a time. One line (or JSON object) per domain, then the batch's summary.
+    func upgradeQEMUBatch() throws {
+        guard service == nil else { throw fail("--service is not supported for QEMU batches; run the upgrade here", .usage) }
+        let targets: [QEMUBatchUpgrade.Target]
+        if all {
+            let inventory: [QEMUDomainStatus]
+            do { inventory = try QEMUInventory.scan(uri: connect) } catch { throw fail("\(error)", .failure) }
+            targets = QEMUBatchUpgrade.staleTargets(inventory, binary: binary)
+        } else {
+            targets = try domains.map { QEMUBatchUpgrade.Target(domain: $0, newEmulator: try newEmulator(for: $0)) }
+        }
+        if targets.isEmpty {
+            if json { printJSON(QEMUBatchSummary()) } else { print("baton: no stale QEMU domain on \(connect); nothing to do") }
+            return
+        }
+        let batch = QEMUBatchUpgrade(targets: targets, template: try qemuOptions(domain: "", newEmulator: ""), parallel: parallel)
+        let showProgress = !json && isatty(STDERR_FILENO) == 1
+        let summary: QEMUBatchSummary
+        do {
+            summary = try batch.run { outcome, done, total in
+                guard showProgress else { return }
+                FileHandle.standardError.write(Data("\r\u{1B}[K[\(done)/\(total)] \(outcome.domain): \(outcome.status.rawValue)".utf8))
+            }
+        } catch let error as QEMUUpgradeError {
+            throw fail(error.description, BatonExit.forQEMU(error))
+        }
+        if showProgress { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+        for outcome in summary.outcomes {
+            if outcome.status == .upgraded, let report = outcome.report { recordHandoff(report) }
+            if json { printJSON(outcome); continue }
+            switch outcome.status {
+            case .upgraded: print(outcome.report?.line ?? "baton: upgraded \(outcome.domain)")
+            case .skipped: print("baton: skipped \(outcome.domain): \(outcome.reason ?? "")")
+            case .rolledBack: print("baton: upgrade of \(outcome.domain) ROLLED BACK: \(outcome.reason ?? "")")
+            case .incomplete: print("baton: upgrade of \(outcome.domain) INCOMPLETE: \(outcome.reason ?? "")")
+            }
+        }
+        var totals = summary
+        totals.outcomes = []
+        if json {
+            printJSON(totals)
+        } else {
+            print(String(format: "baton: batch of %d: %d upgraded, %d skipped, %d rolled back, %d incomplete; %d at a time, %.0f ms in all, one libvirt gap of %.0f ms",
+                         summary.outcomes.count, summary.count(.upgraded), summary.count(.skipped), summary.count(.rolledBack), summary.count(.incomplete),
+                         summary.parallel, summary.wallMs, summary.managementGapMs))
+        }
+        // The worst outcome decides the exit code; skipped domains were never paused.
+        if summary.count(.incomplete) > 0 { throw ExitCode(BatonExit.failure.rawValue) }
+        if summary.count(.rolledBack) > 0 { throw ExitCode(BatonExit.handoffRolledBack.rawValue) }
     }
 }
 

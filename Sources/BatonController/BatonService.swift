@@ -21,8 +21,13 @@ public final class BatonService: @unchecked Sendable {
     let started = Date()
     public static let downtimeBounds: [Double] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
 
-    public init(stateDirectory: String) {
+    /// Counts the host's stale hypervisor processes (QEMU domains on a binary no longer
+    /// installed) for the metrics; set by `baton serve`, nil where it cannot tell.
+    let staleDomainCount: @Sendable () -> Int?
+
+    public init(stateDirectory: String, staleDomainCount: @escaping @Sendable () -> Int? = { nil }) {
         self.stateDirectory = stateDirectory
+        self.staleDomainCount = staleDomainCount
     }
 
     /// Handles one request line and returns the reply line.
@@ -113,8 +118,13 @@ public final class BatonService: @unchecked Sendable {
 
     /// Prometheus text exposition (format 0.0.4).
     public func metrics() -> String {
+        let stale = staleDomainCount()  // scans libvirt: outside the lock
         lock.lock(); defer { lock.unlock() }
-        var out = "# HELP baton_handoffs_total Completed in-place upgrades.\n# TYPE baton_handoffs_total counter\n"
+        var out = ""
+        if let stale {
+            out += "# HELP baton_stale_domains Running domains whose hypervisor binary is no longer the one installed.\n# TYPE baton_stale_domains gauge\nbaton_stale_domains \(stale)\n"
+        }
+        out += "# HELP baton_handoffs_total Completed in-place upgrades.\n# TYPE baton_handoffs_total counter\n"
         for (t, n) in handoffs.sorted(by: { $0.key < $1.key }) { out += "baton_handoffs_total{transport=\"\(t)\"} \(n)\n" }
         if handoffs.isEmpty { out += "baton_handoffs_total 0\n" }
         out += "# HELP baton_handoff_failures_total Upgrades that did not complete.\n# TYPE baton_handoff_failures_total counter\nbaton_handoff_failures_total \(failures)\n"

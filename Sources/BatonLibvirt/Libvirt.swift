@@ -71,6 +71,19 @@ public final class LibvirtConnection: @unchecked Sendable {
         return try domain(named: nameOrUUID)
     }
 
+    /// The names of the running (active) domains on this connection.
+    public func activeDomainNames() throws -> [String] {
+        var list: UnsafeMutablePointer<virDomainPtr?>?
+        let n = virConnectListAllDomains(handle, &list, UInt32(VIR_CONNECT_LIST_DOMAINS_ACTIVE.rawValue))
+        guard n >= 0 else { throw LibvirtError.last("virConnectListAllDomains") }
+        defer { free(list) }
+        return (0..<Int(n)).compactMap { i in
+            guard let d = list?[i] else { return nil }
+            defer { virDomainFree(d) }
+            return String(cString: virDomainGetName(d))
+        }
+    }
+
     /// libvirt's domain capabilities for one emulator binary. libvirt probes the binary (and
     /// caches what it found) if it has not yet; fails if it cannot run `machine`.
     public func domainCapabilities(emulator: String, arch: String = "x86_64", machine: String?, virtType: String) throws -> String {

@@ -9,9 +9,10 @@ import Glibc
 /// forward to the new one (after).
 public enum QEMURecovery {
     /// Kill the new QEMU, give the old one its socket paths back, resume it if it is stopped,
-    /// start libvirtd. Returns the old QEMU's run state as observed afterwards.
+    /// start libvirtd (unless a batch holds it stopped for other domains). Returns the old QEMU's
+    /// run state as observed afterwards.
     @discardableResult
-    public static func rollBack(record: QEMUHandoffRecord, oldMonitor: QMPConnection?, newMonitor: QMPConnection?) -> String {
+    public static func rollBack(record: QEMUHandoffRecord, oldMonitor: QMPConnection?, newMonitor: QMPConnection?, startLibvirtd: Bool = true) -> String {
         if let newPid = record.newPid, newPid != record.oldPid, isQEMU(newPid, of: record.domain) { killAndWait(newPid) }
         for (path, kept) in record.movedSockets where FileManager.default.fileExists(atPath: kept) {
             rename(kept, path)
@@ -25,13 +26,20 @@ public enum QEMURecovery {
         } else if !Host.isAlive(record.oldPid) {
             observed = "gone"
         }
-        _ = try? record.libvirtd.start(uri: record.uri)
+        if startLibvirtd { _ = try? record.libvirtd.start(uri: record.uri) }
         return observed == "running" ? "runs the guest (observed: running)" : "observed: \(observed)"
     }
 
     /// Fence the old QEMU, make libvirt's status file describe the new one, start libvirtd
     /// (its reconnect adopts the new QEMU), and check that libvirt sees the domain running.
     public static func rollForward(record: QEMUHandoffRecord, newVCPUs: [Int: Int32]) throws {
+        try fenceAndDescribe(record: record, newVCPUs: newVCPUs)
+        try awaitAdoption(record: record)
+    }
+
+    /// The part of a roll forward that needs libvirtd down: the old QEMU is killed and the
+    /// status file names the new one. A batch does this for each domain, then starts libvirtd once.
+    public static func fenceAndDescribe(record: QEMUHandoffRecord, newVCPUs: [Int: Int32]) throws {
         guard let newPid = record.newPid, isQEMU(newPid, of: record.domain) else {
             throw QEMUUpgradeError.rollForwardIncomplete("the new QEMU (pid \(record.newPid ?? 0)) is not running")
         }
@@ -61,6 +69,11 @@ public enum QEMURecovery {
             try writeAtomically(rewritten.xml, to: record.statusFile)
             try writeAtomically("\(newPid)", to: (record.statusFile as NSString).deletingPathExtension + ".pid")
         }
+    }
+
+    /// Starts libvirtd if it is down and waits until it reports the domain running on the new QEMU.
+    public static func awaitAdoption(record: QEMUHandoffRecord) throws {
+        let newPid = record.newPid ?? 0
         try record.libvirtd.start(uri: record.uri)
         let deadline = Date().addingTimeInterval(30)
         while true {

@@ -65,6 +65,9 @@ public struct QEMUUpgradeOptions: Sendable {
     /// (`baton qemu-exec`); default: this process's own binary.
     public var launcher = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? "baton"
     public var timeoutSeconds = 30.0
+    /// Cancel the handoff (the domain stays on the old QEMU) if the guest has been paused this
+    /// long when the new QEMU is ready to run it. nil: no limit.
+    public var maxPauseMs: Double?
     /// A controller fault point (tests and the harness): kill-new-after / kill-old-after /
     /// crash-controller-after a journaled phase.
     public var fault: ControllerFault?
@@ -80,8 +83,9 @@ public struct QEMUUpgradeOptions: Sendable {
 /// command line translated), migrate with RAM left in place (cpr-transfer or x-ignore-shared),
 /// verify, resume the new process, fence the old one, and have libvirt adopt the new process by
 /// restarting libvirtd on a status file that describes it. Before the new QEMU runs the guest,
-/// every failure rolls back; after it, the sequence only goes forward.
-public final class QEMUUpgrade {
+/// every failure rolls back; after it, the sequence only goes forward. One thread drives an
+/// instance at a time (a batch hands each to one worker), hence the unchecked Sendable.
+public final class QEMUUpgrade: @unchecked Sendable {
     public let options: QEMUUpgradeOptions
     public private(set) var report: QEMUUpgradeReport
     var record: QEMUHandoffRecord!
@@ -98,6 +102,9 @@ public final class QEMUUpgrade {
     var libvirtdStoppedAt: UInt64?
     /// `committing` is journaled: the new QEMU may run the guest from here on.
     var pastPointOfNoReturn = false
+    /// A batch (QEMUBatchUpgrade) stops libvirtd once for all its domains and starts it once
+    /// after: this upgrade then neither stops nor starts it.
+    var libvirtdHeldByBatch = false
 
     public init(options: QEMUUpgradeOptions) {
         self.options = options
@@ -232,9 +239,19 @@ public final class QEMUUpgrade {
         // a second one restarting it mid-handoff would hand libvirtd the old QEMU.
         let lock = try QEMUHost.hostLock(in: options.runDirectory)
         defer { close(lock) }
+        try begin()
+        return try proceed()
+    }
+
+    /// Preflight, then the journal (one per upgrade) and its first entry. Nothing is paused.
+    func begin() throws {
         try preflight()
         journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-qemu-\(record.domain)-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")
         try log(.started)
+    }
+
+    /// Everything after preflight: start, hand over, finish; or roll back / forward.
+    func proceed() throws -> QEMUUpgradeReport {
         var committed = false
         do {
             try startNewQEMU()
@@ -258,7 +275,7 @@ public final class QEMUUpgrade {
                 }
                 throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
             }
-            let observed = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor)
+            let observed = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor, startLibvirtd: !libvirtdHeldByBatch)
             report.observedAfterRollback = observed
             report.rolledBack = true
             report.error = "\(error)"
@@ -287,8 +304,10 @@ public final class QEMUUpgrade {
         }
         // libvirtd holds the old QEMU's monitor; it must let go before Baton can drive QMP,
         // and it must not see the old QEMU die. It adopts the new one when it starts again.
-        libvirtdStoppedAt = Host.monotonicNanoseconds()
-        try record.libvirtd.stop()
+        if !libvirtdHeldByBatch {
+            libvirtdStoppedAt = Host.monotonicNanoseconds()
+            try record.libvirtd.stop()
+        }
         try log(.prepared, note: "libvirtd stopped")
         oldMonitor = try QMPConnection(path: record.monitorPath, timeoutSeconds: 10)
         // Each listening socket the old QEMU got from libvirt gets a fresh twin at the same
@@ -343,6 +362,8 @@ public final class QEMUUpgrade {
             if record.mode == .copy {
                 // QEMU's default bandwidth cap (128 MiB/s on 7.2) would make a same-host copy crawl.
                 try oldMonitor!.execute("migrate-set-parameters", arguments: ["max-bandwidth": 100 << 30])
+                // QEMU stops the guest for the final copy once it expects that to fit this limit.
+                if let limit = options.maxPauseMs { try oldMonitor!.execute("migrate-set-parameters", arguments: ["downtime-limit": max(1, Int(limit.rounded(.up)))]) }
             }
             try newMonitor!.execute("migrate-incoming", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
             try QEMUVerification.compareDevices(old: oldMonitor!, new: newMonitor!)
@@ -448,6 +469,17 @@ public final class QEMUUpgrade {
         report.verified = true
         let verified = Host.monotonicNanoseconds()
         report.breakdown.verifyMs = Double(verified - migrated) / 1e6
+        if let limit = options.maxPauseMs {
+            // The guest stopped at the old QEMU's STOP event (wall-clock stamped by QEMU); past the
+            // limit, cancel while the old QEMU can still take the guest back.
+            let stoppedAt = old.events.last { $0.name == "STOP" }?.seconds
+            var now = timespec()
+            clock_gettime(CLOCK_REALTIME, &now)
+            let pausedMs = stoppedAt.map { (Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 - $0) * 1000 } ?? Double(verified - start) / 1e6
+            if pausedMs > limit {
+                throw QEMUUpgradeError.rolledBack(String(format: "the guest had been paused %.2f ms when the new QEMU was ready, over --max-pause-ms %g: handoff cancelled, the domain stays on QEMU %@", pausedMs, limit, report.oldVersion))
+            }
+        }
         // The point of no return: once the new QEMU runs the guest, the shared RAM moves on and
         // the old process must never run again.
         try log(.committing)
@@ -470,7 +502,14 @@ public final class QEMUUpgrade {
         newMonitor = nil  // libvirtd must find the new QEMU's monitor free
         movedListeners.removeAll()  // the new QEMU holds its own copies; ours close
         passedSockets.removeAll()
-        try QEMURecovery.rollForward(record: record, newVCPUs: Dictionary(uniqueKeysWithValues: vcpus.map { ($0.cpuIndex, $0.threadId) }))
+        try QEMURecovery.fenceAndDescribe(record: record, newVCPUs: Dictionary(uniqueKeysWithValues: vcpus.map { ($0.cpuIndex, $0.threadId) }))
+        if !libvirtdHeldByBatch { try completeAdoption() }
+    }
+
+    /// libvirtd (started by this upgrade, or by the batch once for all) reports the domain
+    /// running on the new QEMU; the persistent definition follows if asked.
+    func completeAdoption() throws {
+        try QEMURecovery.awaitAdoption(record: record)
         report.managementGapMs = libvirtdStoppedAt.map { Double(Host.monotonicNanoseconds() - $0) / 1e6 } ?? 0
         try log(.adopted)
         if options.updateDefinition { report.definitionUpdated = QEMURecovery.updateDefinition(record: record) }

@@ -21,7 +21,8 @@ enum RealQEMU {
         return nil
     }()
 
-    static func domainXML(name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", serial: String, shared: Bool = true) -> String {
+    static func domainXML(name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", serial: String, shared: Bool = true,
+                          emulator: String = "/usr/bin/qemu-system-x86_64") -> String {
         """
         <domain type='qemu'>
           <name>\(name)</name>
@@ -38,7 +39,7 @@ enum RealQEMU {
           <clock offset='utc'/>
           <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
           <devices>
-            <emulator>/usr/bin/qemu-system-x86_64</emulator>
+            <emulator>\(emulator)</emulator>
             <controller type='usb' model='none'/>
             <serial type='unix'><source mode='bind' path='\(serial)'/></serial>
             <memballoon model='none'/>
@@ -64,11 +65,13 @@ struct BatonTestFailure: Error, CustomStringConvertible {
 extension RealLibvirtHost {
 @Suite("real QEMU upgrades under libvirt", .serialized)
 struct QEMUUpgradeTests {
-    static func boot(_ name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", shared: Bool = true, state: String) throws -> (LibvirtDomain, GuestConsole) {
+    static func boot(_ name: String, memoryMiB: Int, fillMiB: Int, machine: String = "pc-i440fx-7.2", shared: Bool = true, state: String,
+                     emulator: String = "/usr/bin/qemu-system-x86_64") throws -> (LibvirtDomain, GuestConsole) {
         let serial = "\(state)/\(name).ser"
         let connection = try LibvirtConnection(uri: "qemu:///system")
         if let old = try? connection.domain(named: name) { try? old.destroy(); try? old.undefine() }
-        let domain = try connection.defineAndStart(xml: RealQEMU.domainXML(name: name, memoryMiB: memoryMiB, fillMiB: fillMiB, machine: machine, serial: serial, shared: shared))
+        let domain = try connection.defineAndStart(xml: RealQEMU.domainXML(name: name, memoryMiB: memoryMiB, fillMiB: fillMiB, machine: machine, serial: serial,
+                                                                           shared: shared, emulator: emulator))
         return (domain, GuestConsole(path: serial))
     }
 

@@ -1,0 +1,78 @@
+import BatonLibvirt
+import BatonSystem
+import Foundation
+import Glibc
+
+/// One running QEMU domain, and whether its process still runs the binary installed at the
+/// path libvirt started it from. After a package upgrade replaces that file (a new inode at
+/// the same path) or removes it, the running process is "stale": it runs code that is no
+/// longer installed until it is upgraded in place or cold-booted.
+public struct QEMUDomainStatus: Codable, Sendable, Equatable {
+    public var domain: String
+    public var pid: Int32
+    /// The `<emulator>` libvirt started the process from.
+    public var emulator: String
+    /// What `/proc/PID/exe` names (ends in " (deleted)" once the file was replaced or removed).
+    public var runningBinary: String
+    public var runningVersion: String?
+    /// The version of the binary now at `emulator` (nil if there is none).
+    public var installedVersion: String?
+    public var stale: Bool
+    /// Why it is stale, in words ("… was replaced by a different file"), or nil.
+    public var staleReason: String?
+    /// Guest RAM is shared memory (a handoff leaves it in place); otherwise `baton enroll` first.
+    public var sharedRAM: Bool
+}
+
+/// Finds every running QEMU domain of a libvirt connection and says which are stale.
+public enum QEMUInventory {
+    /// The running domains of `uri`, from libvirt's list and its status files (pid, emulator).
+    /// A domain whose status file cannot be read is left out (it is not a local QEMU domain).
+    public static func scan(uri: String, stateDirectory: String = "/run/libvirt/qemu") throws -> [QEMUDomainStatus] {
+        let names = try LibvirtConnection(uri: uri).activeDomainNames().sorted()
+        var versions: [String: String] = [:]  // "dev:ino" → version: one probe per distinct binary
+        func version(_ path: String, identity: String?) -> String? {
+            if let identity, let v = versions[identity] { return v }
+            guard let out = try? Spawn.run(path, ["--version"]), out.status == 0,
+                  let m = out.output.firstMatch(of: #/version (\d+\.\d+\.\d+)/#) else { return nil }
+            if let identity { versions[identity] = String(m.1) }
+            return String(m.1)
+        }
+        return names.compactMap { name -> QEMUDomainStatus? in
+            guard let text = try? String(contentsOfFile: "\(stateDirectory)/\(name).xml", encoding: .utf8) else { return nil }
+            let status = LibvirtStatusFile(xml: text)
+            guard let pid = status.pid, Host.isAlive(pid), let emulator = status.emulator else { return nil }
+            let exe = "/proc/\(pid)/exe"
+            let running = (try? FileManager.default.destinationOfSymbolicLink(atPath: exe)) ?? "?"
+            let runningID = fileIdentity(exe), installedID = fileIdentity(emulator)
+            let reason = staleness(running: running, runningIdentity: runningID, emulator: emulator, installedIdentity: installedID)
+            let shared = (try? QEMUCommandLine(ProcessHandles.commandLine(of: pid)).ramBackends).map { $0.count == 1 && $0[0].shared } ?? false
+            return QEMUDomainStatus(domain: name, pid: pid, emulator: emulator, runningBinary: running,
+                                    runningVersion: version(exe, identity: runningID), installedVersion: installedID == nil ? nil : version(emulator, identity: installedID),
+                                    stale: reason != nil, staleReason: reason, sharedRAM: shared)
+        }
+    }
+
+    /// Why a process running `running` (identity `runningIdentity`) is not running the file at
+    /// `emulator` (identity `installedIdentity`), or nil if it is. Pure.
+    static func staleness(running: String, runningIdentity: String?, emulator: String, installedIdentity: String?) -> String? {
+        guard let installedIdentity else { return "\(emulator) no longer exists" }
+        guard let runningIdentity else { return nil }  // cannot tell: do not claim staleness
+        if runningIdentity == installedIdentity { return nil }
+        return "\(emulator) was replaced by a different file\(running.hasSuffix(" (deleted)") ? " (the running one is deleted)" : "")"
+    }
+
+    /// Device and inode of what `path` resolves to (for `/proc/PID/exe`, the running file even
+    /// when deleted), or nil.
+    static func fileIdentity(_ path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return "\(st.st_dev):\(st.st_ino)"
+    }
+
+    /// Whether the process `pid` runs the very file at `binary`.
+    public static func runs(_ pid: pid_t, binary: String) -> Bool {
+        guard let a = fileIdentity("/proc/\(pid)/exe"), let b = fileIdentity(binary) else { return false }
+        return a == b
+    }
+}

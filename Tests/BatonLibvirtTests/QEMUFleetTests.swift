@@ -1,0 +1,100 @@
+import BatonLibvirt
+import BatonSystem
+import BatonTestSupport
+import Foundation
+import Glibc
+import Testing
+
+extension RealLibvirtHost {
+@Suite("stale QEMU domains and batch upgrades", .serialized)
+struct QEMUFleetTests {
+    typealias U = QEMUUpgradeTests
+
+    /// `baton status --json`'s domains among `ours`, by name, and how many of them are stale
+    /// (the host may run other domains).
+    static func status(_ ours: [String]) throws -> (stale: Int, domains: [String: [String: Any]]) {
+        let r = try U.baton(["status", "--socket", "/nonexistent/baton.sock", "--json"])
+        #expect(r.status == 0, "baton status: \(r.out)")
+        let list = (r.report["domains"] as? [[String: Any]] ?? []).filter { ours.contains($0["domain"] as? String ?? "") }
+        return (list.filter { $0["stale"] as? Bool == true }.count, Dictionary(uniqueKeysWithValues: list.map { ($0["domain"] as? String ?? "", $0) }))
+    }
+
+    @Test("a package upgrade replaces the emulator: status lists the domains as stale, upgrade --all --parallel 4 moves every shared-RAM one in one libvirt gap, skips the private one unpaused; --max-pause-ms cancels")
+    func staleDomainsUpgradedAsABatch() throws {
+        if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
+        let state = try RealLibvirt.bringUp("qemu-fleet")
+        // The path the domains start from: a copy of Debian's QEMU 7.2, later replaced the way a
+        // package upgrade replaces it (new file beside it, renamed over it).
+        let root = "/var/lib/baton/test-emulator-\(getpid())"
+        let emulator = "\(root)/usr/bin/qemu-system-x86_64"
+        try FileManager.default.createDirectory(atPath: "\(root)/usr/bin", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        try Executable.copy(from: "/usr/bin/qemu-system-x86_64", to: emulator)
+        // QEMU finds its modules and firmware relative to its executable (ROOT/usr/lib/...,
+        // ROOT/usr/share/...), as a relocatable install: here, the system's 7.2 ones.
+        for dir in ["lib", "share"] { try FileManager.default.createSymbolicLink(atPath: "\(root)/usr/\(dir)", withDestinationPath: "/usr/\(dir)") }
+
+        let names = (1...4).map { "baton-fleet-\(getpid())-\($0)" }
+        let privateName = "baton-fleet-\(getpid())-private"
+        var consoles: [String: GuestConsole] = [:]
+        defer { for n in names + [privateName] { U.remove(n) } }
+        for n in names { consoles[n] = try U.boot(n, memoryMiB: 256, fillMiB: 32, state: state, emulator: emulator).1 }
+        consoles[privateName] = try U.boot(privateName, memoryMiB: 256, fillMiB: 32, shared: false, state: state, emulator: emulator).1
+        var before: [String: GuestConsole.Check] = [:]
+        for (n, c) in consoles { before[n] = try c.ask("check", timeoutSeconds: 600) }
+        let oldPids = Dictionary(uniqueKeysWithValues: (names + [privateName]).map { ($0, RealQEMU.processes(of: $0).first ?? 0) })
+
+        var s = try Self.status(names + [privateName])
+        #expect(s.stale == 0, "nothing is stale before the package upgrade: \(s.domains)")
+        #expect(s.domains[names[0]]?["sharedRAM"] as? Bool == true && s.domains[privateName]?["sharedRAM"] as? Bool == false)
+
+        // A pause limit no handoff can meet cancels it before the new QEMU runs the guest.
+        let limited = try U.upgrade(names[0], to: RealQEMU.newQEMU, extra: ["--max-pause-ms", "0.001"])
+        #expect(limited.status == 3, "over --max-pause-ms: exit 3 (rolled back): \(limited.out)")
+        #expect((limited.report["error"] as? String ?? "").contains("--max-pause-ms"), "\(limited.out)")
+        #expect(RealQEMU.processes(of: names[0]) == [oldPids[names[0]]!], "the domain stays on its old QEMU")
+        before[names[0]] = try U.expectContinued(names[0], console: consoles[names[0]]!, before: before[names[0]]!, binary: emulator, pid: oldPids[names[0]])
+
+        // The package upgrade: QEMU 10.0 renamed over the path, with its own modules and firmware
+        // (a qemu-bundle directory beside the executable comes first in QEMU's search).
+        try Executable.copy(from: RealQEMU.newQEMU, to: emulator + ".dpkg-new")
+        #expect(rename(emulator + ".dpkg-new", emulator) == 0)
+        try FileManager.default.createSymbolicLink(atPath: "\(root)/usr/bin/qemu-bundle", withDestinationPath: "/opt/baton/qemu-10.0")
+        s = try Self.status(names + [privateName])
+        #expect(s.stale == 5, "every domain runs the replaced binary: \(s.domains)")
+        for n in names + [privateName] {
+            let d = s.domains[n] ?? [:]
+            #expect(d["stale"] as? Bool == true && d["installedVersion"] as? String == "10.0.2" && (d["runningVersion"] as? String ?? "").hasPrefix("7.2."), "\(n): \(d)")
+            #expect((d["staleReason"] as? String ?? "").contains("replaced"), "\(n): \(d)")
+        }
+
+        let r = try U.baton(["upgrade", "--all", "--connect", "qemu:///system", "--parallel", "4", "--json"])
+        #expect(r.status == 0, "upgrade --all: \(r.out)")
+        let lines = r.out.split(separator: "\n").filter { $0.hasPrefix("{") }.compactMap { (try? JSONSerialization.jsonObject(with: Data($0.utf8))) as? [String: Any] }
+        let outcomes = Dictionary(uniqueKeysWithValues: lines.compactMap { l in (l["domain"] as? String).map { ($0, l) } })
+        #expect(outcomes.count == 5, "one JSON line per domain: \(r.out)")
+        for n in names {
+            #expect(outcomes[n]?["status"] as? String == "upgraded", "\(n): \(outcomes[n] ?? [:])")
+            let report = outcomes[n]?["report"] as? [String: Any] ?? [:]
+            #expect(report["mode"] as? String == "ignore-shared" && report["verified"] as? Bool == true, "\(n): \(report)")
+            before[n] = try U.expectContinued(n, console: consoles[n]!, before: before[n]!, binary: emulator, pid: (report["newPid"] as? Int).map(Int32.init))
+            try U.expectManaged(n, version: "\"major\":10")
+        }
+        #expect(outcomes[privateName]?["status"] as? String == "skipped")
+        #expect((outcomes[privateName]?["reason"] as? String ?? "").contains("baton enroll"), "\(outcomes[privateName] ?? [:])")
+        #expect(RealQEMU.processes(of: privateName) == [oldPids[privateName]!], "the skipped domain keeps its QEMU")
+        _ = try U.expectContinued(privateName, console: consoles[privateName]!, before: before[privateName]!, binary: emulator + " (deleted)", pid: oldPids[privateName])
+        // One libvirt gap for the batch: every upgraded domain reports the same one.
+        let gaps = Set(names.compactMap { (outcomes[$0]?["report"] as? [String: Any])?["managementGapMs"] as? Double })
+        #expect(gaps.count == 1 && (gaps.first ?? 0) > 0, "gaps: \(gaps)")
+        let summary = lines.last { $0["domain"] == nil } ?? [:]
+        #expect(summary["parallel"] as? Int == 4 && (summary["wallMs"] as? Double ?? 0) > 0, "summary: \(summary)")
+
+        s = try Self.status(names + [privateName])
+        #expect(s.stale == 1 && s.domains[privateName]?["stale"] as? Bool == true, "only the private-RAM domain is left stale: \(s.domains)")
+        // A second run finds only what it cannot upgrade.
+        let again = try U.baton(["upgrade", "--all", "--connect", "qemu:///system", "--json"])
+        #expect(again.status == 0 && again.out.contains("\"skipped\"") && !again.out.contains("\"upgraded\""), "\(again.out)")
+    }
+}
+}
