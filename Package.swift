@@ -14,6 +14,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
         // Thin C shim: only what Swift cannot import (_GNU_SOURCE calls, CMSG_*, function-like macros).
@@ -45,11 +46,13 @@ let package = Package(
         .target(name: "BatonQEMU", dependencies: ["BatonSystem", "BatonCore", "BatonController", "BatonLibvirt"]),
         // The handoff harness: fault matrix, load, reports.
         .target(name: "BatonHarness", dependencies: ["BatonController", "BatonVMM", "BatonCore", "BatonSystem", "BatonTestSupport"]),
+        // /etc/baton/baton.toml: parsed with TOMLKit, validated key by key with line numbers.
+        .target(name: "BatonConfiguration", dependencies: [.product(name: "TOMLKit", package: "TOMLKit")]),
         // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).
         .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.
         .target(name: "BatonCLI", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt", "BatonQEMU",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt", "BatonQEMU", "BatonConfiguration",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -59,6 +62,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
+        .testTarget(name: "BatonConfigurationTests", dependencies: ["BatonConfiguration", "baton"]),
         .testTarget(name: "BatonVMMTests", dependencies: [
             "BatonVMM", "BatonController", "BatonHarness", "BatonLibvirt", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
         ]),

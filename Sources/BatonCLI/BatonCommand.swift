@@ -7,7 +7,7 @@ public struct BatonCommand: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "baton",
         abstract: "Hand a running VM's guest RAM from an old hypervisor process to a new one.",
-        subcommands: [CheckCommand.self, UpgradeCommand.self, RecoverCommand.self, ServeCommand.self, StatusCommand.self, HookCommand.self, HarnessCommand.self, BenchCommand.self, DemoCommand.self, AgentCommand.self, QEMUExecCommand.self, EnrollCommand.self]
+        subcommands: [CheckCommand.self, UpgradeCommand.self, RecoverCommand.self, ServeCommand.self, StatusCommand.self, HookCommand.self, HarnessCommand.self, BenchCommand.self, DemoCommand.self, AgentCommand.self, QEMUExecCommand.self, EnrollCommand.self, ConfigCommand.self]
     )
     public init() {}
 }
@@ -27,6 +27,8 @@ public enum BatonExit: Int32 {
     case peerRefused = 5
     /// Bad command-line input (ArgumentParser's EX_USAGE).
     case usage = 64
+    /// The configuration file was refused (EX_CONFIG); the message names file, key and line.
+    case configuration = 78
 
     var code: ExitCode { ExitCode(rawValue) }
 }

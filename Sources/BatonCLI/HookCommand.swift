@@ -1,4 +1,5 @@
 import ArgumentParser
+import BatonConfiguration
 import BatonController
 import BatonSystem
 import Foundation
@@ -16,12 +17,18 @@ struct HookCommand: ParsableCommand {
     @Argument(parsing: .allUnrecognized, help: "qemu <domain> <operation> <sub-operation> <extra>")
     var arguments: [String] = []
 
-    static let budgetSeconds = Double(ProcessInfo.processInfo.environment["BATON_HOOK_BUDGET"] ?? "") ?? 1.0
-
     func run() throws {
         let started = Host.monotonicNanoseconds()
-        let stateDirectory = BatonPaths.environmentStateDirectory
-        let serveSocket = BatonPaths.environmentServiceSocket
+        // libvirt passes no options: the environment, else the configuration file (BATON_CONFIG
+        // or /etc/baton/baton.toml), else the defaults. A refused file is logged, never fatal:
+        // the hook must not stop a domain from starting.
+        let env = ProcessInfo.processInfo.environment
+        var file = BatonConfiguration()
+        var configProblem: String?
+        do { file = try BatonConfiguration.load(explicitPath: nil).0 } catch { configProblem = error.description }
+        let stateDirectory = env["BATON_STATE_DIR"] ?? file.stateDirectory
+        let serveSocket = env["BATON_SOCKET"] ?? file.serviceSocket
+        let budget = Double(env["BATON_HOOK_BUDGET"] ?? "") ?? file.hookBudgetSeconds
         // Read stdin with the budget: libvirt always sends the XML and closes.
         let xml = FileHandle.standardInput.readDataToEndOfFile()
         let request: HookRequest
@@ -37,10 +44,16 @@ struct HookCommand: ParsableCommand {
             FileHandle.standardError.write(Data("baton: hook: ignoring operation '\(request.operation)' unknown to this Baton\n".utf8))
             outcome = "ignored (unknown operation)"
         } else if request.wantsService {
-            outcome = forward(request, to: serveSocket, stateDirectory: stateDirectory)
+            outcome = forward(request, to: serveSocket, stateDirectory: stateDirectory, budget: budget)
+        } else if request.optedIn, request.operation == "prepare", !request.sharedMemory {
+            // Baton leaves guest RAM in place only when it is shared memory; say so while the
+            // operator can still act (this start), not at upgrade time.
+            outcome = "WARNING: \(request.domain) starts with private guest RAM: Baton cannot upgrade its QEMU in place (run `baton enroll \(request.domain)` and cold-boot it)"
+            FileHandle.standardError.write(Data("baton: \(outcome)\n".utf8))
         } else if request.optedIn {
             outcome = "validated (no action for \(request.operation))"
         }
+        if let configProblem { outcome += "; configuration refused, defaults used: \(configProblem)" }
         let ms = Double(Host.monotonicNanoseconds() - started) / 1e6
         let line = String(format: "%@ hook qemu %@ %@ %@ %@ xml=%d bytes → %@ in %.2f ms\n",
                           ISO8601DateFormatter().string(from: Date()), request.domain, request.operation, request.subOperation,
@@ -49,12 +62,12 @@ struct HookCommand: ParsableCommand {
     }
 
     /// Sends the event to `baton serve` (bounded by the budget); if it is down, queues it.
-    func forward(_ request: HookRequest, to socket: String, stateDirectory: String) -> String {
+    func forward(_ request: HookRequest, to socket: String, stateDirectory: String, budget: Double) -> String {
         let event: [String: Any] = ["op": "hook", "domain": request.domain, "uuid": request.uuid ?? "", "operation": request.operation,
                                     "subOperation": request.subOperation, "agent": request.batonAgent ?? ""]
         let line = ((try? JSONSerialization.data(withJSONObject: event)).map { String(decoding: $0, as: UTF8.self) } ?? "{}") + "\n"
-        if let s = try? UnixSocket.connect(path: socket, timeoutSeconds: Self.budgetSeconds / 2) {
-            try? s.setTimeout(seconds: Self.budgetSeconds / 2)
+        if let s = try? UnixSocket.connect(path: socket, timeoutSeconds: budget / 2) {
+            try? s.setTimeout(seconds: budget / 2)
             if (try? s.send(Array(line.utf8))) != nil { return "forwarded to baton serve" }
         }
         Host.appendLine(line, to: stateDirectory + "/hook-queue.jsonl")

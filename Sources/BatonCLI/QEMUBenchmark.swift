@@ -23,7 +23,25 @@ struct QEMUBench: ParsableCommand {
     @Option(help: "The new QEMU.") var new: String = "/opt/baton/qemu-10.0/usr/bin/qemu-system-x86_64"
     @Option(help: "Directory with the guest's vmlinuz and initrd.gz (Scripts/build-guest.sh).") var guest: String = "/var/lib/baton/guest"
     @Option(help: "libvirt URI.") var connect: String = "qemu:///system"
+    @Option(help: "Also boot this many domains and upgrade them as one batch (--parallel N): each pause beside the single upgrade's, the batch's one libvirt gap and wall time.") var batch: Int = 0
     @Flag(help: "One JSON object.") var json = false
+
+    struct BatchResult: Codable {
+        var domains: Int
+        var pauseMs: Spread
+        var samples: [Double]
+        /// The single ignore-shared upgrade's median pause, same run (nil if that mode did not run).
+        var singleMedianMs: Double?
+        /// The batch's longest pause over the single upgrade's median.
+        var worstToSingle: Double?
+        var managementGapMs: Double
+        var wallMs: Double
+    }
+
+    struct Results: Codable {
+        var modes: [ModeResult]
+        var batch: BatchResult?
+    }
 
     struct ModeResult: Codable {
         var mode: String
@@ -38,6 +56,7 @@ struct QEMUBench: ParsableCommand {
 
     func validate() throws {
         guard runs >= 1 else { throw ValidationError("--runs must be at least 1") }
+        guard (0...16).contains(batch) else { throw ValidationError("--batch: \(batch) is not between 0 and 16") }
         for m in modes.split(separator: ",") where !["ignore-shared", "cpr-transfer"].contains(String(m)) {
             throw ValidationError("--modes: '\(m)' is not ignore-shared or cpr-transfer")
         }
@@ -73,13 +92,33 @@ struct QEMUBench: ParsableCommand {
             let b = Spread(baton), r = Spread(raw)
             results.append(ModeResult(mode: mode, batonPauseMs: b, rawPauseMs: r, overheadMs: b.median - r.median, managementGapMs: Spread(gaps), batonSamples: baton, rawSamples: raw))
         }
-        if json { printJSON(results); return }
+        var batchResult: BatchResult?
+        if batch > 0 {
+            var names: [String] = []
+            defer { names.forEach(remove) }
+            for _ in 0..<batch { names.append(try bootDomain(ramMiB: ramMiB, fillMiB: fillMiB, dir: dir).1) }
+            var template = QEMUUpgradeOptions(domain: "", newEmulator: new)
+            template.uri = connect
+            let summary = try QEMUBatchUpgrade(targets: names.map { .init(domain: $0, newEmulator: new) }, template: template, parallel: batch).run()
+            let pauses = summary.outcomes.compactMap { $0.status == .upgraded ? $0.report?.pauseMs : nil }
+            guard pauses.count == batch else { throw ValidationError("batch: \(summary.outcomes.map { "\($0.domain) \($0.status.rawValue) \($0.reason ?? "")" })") }
+            let single = results.first { $0.mode == "ignore-shared" }?.batonPauseMs.median
+            batchResult = BatchResult(domains: batch, pauseMs: Spread(pauses), samples: pauses, singleMedianMs: single,
+                                      worstToSingle: single.map { (pauses.max() ?? 0) / $0 }, managementGapMs: summary.managementGapMs, wallMs: summary.wallMs)
+            progress("batch of \(batch): pauses \(pauses.map { String(format: "%.2f", $0) }.joined(separator: ", ")) ms")
+        }
+        if json { printJSON(Results(modes: results, batch: batchResult)); return }
         print("mode           side   pause ms median (min–max)   libvirt gap ms median (min–max)")
         for m in results {
             print(String(format: "%-14@ baton  %7.2f (%.2f–%.2f)        %6.0f (%.0f–%.0f)", m.mode, m.batonPauseMs.median, m.batonPauseMs.min, m.batonPauseMs.max,
                          m.managementGapMs.median, m.managementGapMs.min, m.managementGapMs.max))
             print(String(format: "%-14@ raw    %7.2f (%.2f–%.2f)        -", m.mode, m.rawPauseMs.median, m.rawPauseMs.min, m.rawPauseMs.max))
             print(String(format: "%-14@ Baton's overhead over raw QMP: %+.2f ms (median)", m.mode, m.overheadMs))
+        }
+        if let b = batchResult {
+            print(String(format: "batch of %d (--parallel %d): pause %.2f (%.2f–%.2f) ms; longest %@ the single upgrade's median; one libvirt gap %.0f ms; %.0f ms in all",
+                         b.domains, b.domains, b.pauseMs.median, b.pauseMs.min, b.pauseMs.max,
+                         b.worstToSingle.map { String(format: "%.2f×", $0) } ?? "(no single run to compare)", b.managementGapMs, b.wallMs))
         }
         print("(\(ram) guest with \(fill) of random data, TCG, \(runs) runs per side; pause = guest STOP in the old QEMU → RESUME in the new, from QEMU's event timestamps)")
     }

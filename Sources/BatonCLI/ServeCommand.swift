@@ -1,36 +1,82 @@
 import ArgumentParser
+import BatonConfiguration
 import BatonController
 import BatonQEMU
 import BatonSystem
 import Foundation
 import Glibc
+import Logging
 
 /// `baton serve`: the long-running Baton service. Newline-delimited JSON on a Unix socket in a
 /// 0700 directory; graceful shutdown on SIGTERM/SIGINT (stops accepting, lets running upgrades
 /// finish, removes its socket).
 struct ServeCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the Baton service (upgrade requests, hook events, status, metrics).")
+    static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the Baton service (upgrade requests, hook events, status, metrics, the QEMU upgrade policy).")
 
-    @Option(help: "Service socket (its directory is made 0700).")
-    var socket: String = BatonPaths.serviceSocket
+    @OptionGroup var config: ConfigFileOption
 
-    @Option(help: "State directory: journals, hook log and queue, run files.")
-    var state: String = BatonPaths.stateDirectory
+    @Option(help: "Service socket (its directory is made 0700). Default: [service] socket.")
+    var socket: String?
 
-    @Option(help: "Seconds to wait for running upgrades on shutdown.")
-    var drainSeconds: Double = 120
+    @Option(help: "State directory: journals, hook log and queue, run files. Default: [service] state_directory.")
+    var state: String?
 
-    @Option(help: "libvirt connection URI whose QEMU domains the metrics count as stale.")
-    var connect: String = "qemu:///system"
+    @Option(help: "Seconds to wait for running upgrades on shutdown. Default: [service] drain_seconds.")
+    var drainSeconds: Double?
+
+    @Option(help: "libvirt connection URI (stale-domain metrics, the upgrade policy). Default: [upgrade] libvirt_uri.")
+    var connect: String?
+
+    @Option(help: "manual | on-reconnect | on-stale. Default: [upgrade] policy.")
+    var policy: String?
 
     func run() throws {
+        let file = try config.load()
+        let socket = self.socket ?? file.serviceSocket, state = self.state ?? file.stateDirectory
+        let drainSeconds = self.drainSeconds ?? file.drainSeconds, uri = connect ?? file.libvirtURI
+        guard let policy = BatonConfiguration.UpgradePolicy(rawValue: self.policy ?? file.policy.rawValue) else {
+            throw fail("--policy: '\(self.policy ?? "")' is not manual, on-reconnect or on-stale", .usage)
+        }
+        let level = Logger.Level(rawValue: file.logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let log = Logger(label: "baton.serve")
         signal(SIGPIPE, SIG_IGN)
         for dir in [(socket as NSString).deletingLastPathComponent, state] {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             chmod(dir, 0o700)
         }
-        let uri = connect
-        let service = BatonService(stateDirectory: state) { (try? QEMUInventory.scan(uri: uri))?.filter(\.stale).count }
+        // The QEMU upgrade policy: stale opted-in domains move on reconnect and/or periodically.
+        let upgrader = Box<QEMUAutoUpgrader>()
+        let service = BatonService(stateDirectory: state, staleDomainCount: { (try? QEMUInventory.scan(uri: uri))?.filter(\.stale).count },
+                                   onHookEvent: { domain, operation in upgrader.value?.hookEvent(domain: domain, operation: operation) })
+        if policy != .manual {
+            var template = QEMUUpgradeOptions(domain: "", newEmulator: "")
+            template.uri = uri
+            template.runDirectory = file.runDirectory
+            template.timeoutSeconds = file.timeoutSeconds
+            template.maxPauseMs = file.maxPauseMs
+            template.updateDefinition = file.updateDefinition
+            let settings = QEMUAutoUpgrader.Settings(uri: uri, template: template, parallel: file.parallel, onReconnect: true,
+                                                     periodicSeconds: policy == .onStale ? file.staleCheckSeconds : nil)
+            upgrader.value = QEMUAutoUpgrader(settings: settings, guardBatch: { work in
+                guard service.begin("qemu-batch") else { return false }
+                defer { service.end("qemu-batch") }
+                work()
+                return true
+            }, onOutcome: { o in
+                let r = o.report
+                service.count(mode: r?.mode ?? "?", upgraded: o.status == .upgraded, rolledBack: o.status == .rolledBack,
+                              pauseMs: r?.pauseMs ?? 0, bytes: UInt64(max(0, r?.ramBytesMoved ?? 0)))
+                // One structured line per upgrade.
+                log.info("upgrade", metadata: ["domain": "\(o.domain)", "outcome": "\(o.status.rawValue)", "mode": "\(r?.mode ?? "")",
+                                               "oldPid": "\(r?.oldPid ?? 0)", "newPid": "\(r?.newPid ?? 0)",
+                                               "pauseMs": "\(String(format: "%.2f", r?.pauseMs ?? 0))", "reason": "\(o.reason ?? "")"])
+            }, onNote: { log.notice("\($0)") })
+        }
         // Hook events queued while the service was down.
         let queue = state + "/hook-queue.jsonl"
         if let queued = try? String(contentsOfFile: queue, encoding: .utf8) {
@@ -56,15 +102,22 @@ struct ServeCommand: ParsableCommand {
             }
         }
         accepting.start()
-        FileHandle.standardError.write(Data("baton serve \(getpid()): listening on \(socket), state in \(state)\n".utf8))
+        upgrader.value?.start()
+        log.info("listening", metadata: ["pid": "\(getpid())", "socket": "\(socket)", "state": "\(state)", "policy": "\(policy.rawValue)", "libvirt": "\(uri)"])
         var received: Int32 = 0
         sigwait(&signals, &received)
-        FileHandle.standardError.write(Data("baton serve: signal \(received), draining\n".utf8))
+        log.notice("signal \(received): draining")
+        upgrader.value?.stop()
         listener.remove()
         Glibc.shutdown(listener.fd.raw, Int32(SHUT_RDWR))
         let deadline = Date().addingTimeInterval(drainSeconds)
         while service.busy && Date() < deadline { usleep(50_000) }
-        FileHandle.standardError.write(Data("baton serve: stopped\(service.busy ? " with upgrades still running" : "")\n".utf8))
+        if service.busy {
+            // Not a clean stop: an upgrade is still running (its journal lets `baton recover` finish it).
+            log.error("stopped after \(drainSeconds) s with upgrades still running: \(service.status()["inFlight"] ?? [])")
+            throw ExitCode(BatonExit.failure.rawValue)
+        }
+        log.info("stopped")
     }
 
     static func serve(_ client: UnixSocket, _ service: BatonService) {
@@ -80,6 +133,11 @@ struct ServeCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// A reference filled in after the closures that read it are made.
+final class Box<T>: @unchecked Sendable {
+    var value: T?
 }
 
 extension FileDescriptor {
@@ -118,11 +176,13 @@ struct StatusCommand: ParsableCommand {
         commandName: "status",
         abstract: "The host's state: `baton serve` (if it runs) and every running QEMU domain, stale ones first (running a binary no longer installed at its emulator path).")
 
-    @Option(help: "Service socket.")
-    var socket: String = BatonPaths.serviceSocket
+    @OptionGroup var config: ConfigFileOption
 
-    @Option(help: "libvirt connection URI whose QEMU domains are listed.")
-    var connect: String = "qemu:///system"
+    @Option(name: .customLong("socket"), help: "Service socket. Default: [service] socket.")
+    var socketOption: String?
+
+    @Option(name: .customLong("connect"), help: "libvirt connection URI whose QEMU domains are listed. Default: [upgrade] libvirt_uri.")
+    var connectOption: String?
 
     @Flag(help: "One JSON object: the service's fields, plus \"domains\" and \"staleDomains\".")
     var json = false
@@ -131,6 +191,8 @@ struct StatusCommand: ParsableCommand {
     var metrics = false
 
     func run() throws {
+        let file = try config.load()
+        let socket = socketOption ?? file.serviceSocket, connect = connectOption ?? file.libvirtURI
         if metrics {
             print(try ServiceClient.request(socket, ["op": "metrics"], timeout: 10)["metrics"] as? String ?? "", terminator: "")
             return

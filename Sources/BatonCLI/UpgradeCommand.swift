@@ -1,4 +1,5 @@
 import ArgumentParser
+import BatonConfiguration
 import BatonController
 import BatonLibvirt
 import BatonQEMU
@@ -20,50 +21,64 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(help: "Every stale QEMU domain of --connect (its process runs a binary no longer at its emulator path; with --binary: every domain not running that binary), as one batch.")
     var all = false
 
-    @Option(help: "Batches: at most this many handoffs at a time (each its own pause).")
-    var parallel: Int = 1
+    @Option(name: .customLong("parallel"), help: "Batches: at most this many handoffs at a time (each its own pause). Default: [upgrade] parallel.")
+    var parallelOption: Int?
 
-    @Option(help: "QEMU domains: cancel a handoff whose pause would exceed this many milliseconds (the domain stays on the old QEMU).")
-    var maxPauseMs: Double?
+    @Option(name: .customLong("max-pause-ms"), help: "QEMU domains: cancel a handoff whose pause would exceed this many milliseconds (the domain stays on the old QEMU). Default: [upgrade] max_pause_ms.")
+    var maxPauseOption: Double?
 
-    @Option(help: "libvirt connection URI for --domain.")
-    var connect: String = "qemu:///system"
+    @OptionGroup var config: ConfigFileOption
+
+    @Option(name: .customLong("connect"), help: "libvirt connection URI for --domain and --all. Default: [upgrade] libvirt_uri.")
+    var connectOption: String?
 
     @Option(help: "The new hypervisor binary: batonvmm, or for a QEMU domain the new qemu-system-x86_64 (default for QEMU: the binary now installed at the domain's emulator path).")
     var binary: String?
 
-    @Flag(help: "QEMU domains: also point the persistent definition's <emulator> at --binary (the next cold boot uses it).")
-    var updateDefinition = false
+    @Flag(name: .customLong("update-definition"), inversion: .prefixedNo, help: "QEMU domains: also point the persistent definition's <emulator> at --binary (the next cold boot uses it). Default: [upgrade] update_definition.")
+    var updateDefinitionFlag: Bool?
 
     @Flag(help: "QEMU domains with private RAM: copy it through QEMU's migration stream (a pause of seconds, two copies of RAM for a while) instead of refusing.")
     var allowCopy = false
 
-    @Option(help: "Give up waiting for any one step (QEMU start, migration, libvirtd) after this many seconds.")
-    var timeout: Double = 30
+    @Option(name: .customLong("timeout"), help: "Give up waiting for any one step (new instance ready, QEMU start, migration, libvirtd) after this many seconds. Default: [upgrade] timeout_seconds.")
+    var timeoutOption: Double?
 
-    @Option(help: "gift | memfd | copy | auto")
-    var transport: String = "auto"
+    @Option(name: .customLong("transport"), help: "gift | memfd | copy | auto. Default: [upgrade] transport.")
+    var transportOption: String?
 
-    @Flag(help: "Free the old instance's RAM chunk by chunk as the new one confirms it (gift): RAM + window instead of 2× RAM.")
-    var releaseSource = false
+    @Flag(name: .customLong("release-source"), inversion: .prefixedNo, help: "Free the old instance's RAM chunk by chunk as the new one confirms it (gift): RAM + window instead of 2× RAM. Default: [upgrade] release_source.")
+    var releaseSourceFlag: Bool?
 
     @Flag(help: "Keep the hypervisor's pid: exec the new binary in the paused process (needed under libvirt's ch driver).")
     var inPlace = false
 
-    @Flag(help: "Digest all guest RAM at pause and in the new instance before it resumes (adds downtime).")
-    var digest = false
+    @Flag(name: .customLong("digest"), inversion: .prefixedNo, help: "Digest all guest RAM at pause and in the new instance before it resumes (adds downtime). Default: [upgrade] digest.")
+    var digestFlag: Bool?
 
     @Option(help: "Crash-safe journal path (default: in the run directory).")
     var journal: String?
 
-    @Option(help: "Run directory for agent sockets and logs (0700).")
-    var runDirectory: String = UpgradeOptions.defaultRunDirectory
+    @Option(name: .customLong("run-directory"), help: "Run directory for agent sockets, logs and journals (0700). Default: [upgrade] run_directory.")
+    var runDirectoryOption: String?
 
     @Flag(help: "Print the report as one JSON object.")
     var json = false
 
     @Option(help: "Submit to `baton serve` at this socket instead of running here (one upgrade per VM at a time).")
     var service: String?
+
+    // Effective settings: the flag, else the configuration file, else the default.
+    var file: BatonConfiguration { CLIConfiguration.current }
+    var connect: String { connectOption ?? file.libvirtURI }
+    var parallel: Int { parallelOption ?? file.parallel }
+    var maxPauseMs: Double? { maxPauseOption ?? file.maxPauseMs }
+    var updateDefinition: Bool { updateDefinitionFlag ?? file.updateDefinition }
+    var timeout: Double { timeoutOption ?? file.timeoutSeconds }
+    var transport: String { transportOption ?? file.transport }
+    var releaseSource: Bool { releaseSourceFlag ?? file.releaseSource }
+    var digest: Bool { digestFlag ?? file.digest }
+    var runDirectory: String { runDirectoryOption ?? file.runDirectory }
 
     /// The one domain of a single (non-batch) upgrade.
     var domain: String? { !all && domains.count == 1 ? domains[0] : nil }
@@ -73,14 +88,16 @@ struct UpgradeCommand: ParsableCommand {
             throw ValidationError("give exactly one of --vm SOCKET, --domain NAME (repeatable) or --all")
         }
         guard vm == nil || binary != nil else { throw ValidationError("--vm needs --binary (the new batonvmm)") }
-        guard parallel >= 1 && parallel <= 64 else { throw ValidationError("--parallel: \(parallel) is not between 1 and 64") }
-        if let m = maxPauseMs, !(m > 0 && m.isFinite) { throw ValidationError("--max-pause-ms: \(m) is not a positive number of milliseconds") }
-        guard ["gift", "memfd", "copy", "auto"].contains(transport) else {
-            throw ValidationError("--transport: '\(transport)' is not gift, memfd, copy or auto")
+        if let p = parallelOption, !(1...64).contains(p) { throw ValidationError("--parallel: \(p) is not between 1 and 64") }
+        if let m = maxPauseOption, !(m > 0 && m.isFinite) { throw ValidationError("--max-pause-ms: \(m) is not a positive number of milliseconds") }
+        if let t = timeoutOption, !(t > 0 && t.isFinite && t <= 3600) { throw ValidationError("--timeout: \(t) is not between 0 and 3600 seconds") }
+        if let t = transportOption, !["gift", "memfd", "copy", "auto"].contains(t) {
+            throw ValidationError("--transport: '\(t)' is not gift, memfd, copy or auto")
         }
     }
 
     func run() throws {
+        CLIConfiguration.current = try config.load()
         if all || domains.count > 1 { return try upgradeQEMUBatch() }
         var domainHandle: LibvirtDomain?
         var chDomain = false
@@ -135,6 +152,8 @@ struct UpgradeCommand: ParsableCommand {
         options.inPlace = inPlace || chDomain  // the ch driver knows the VMM by pid: keep it
         options.releaseSource = releaseSource
         options.digest = digest
+        options.readyTimeoutSeconds = timeout
+        options.stallTimeoutSeconds = file.stallTimeoutSeconds
         options.journalPath = journal
         options.runDirectory = runDirectory
         do {

@@ -25,9 +25,41 @@ public final class BatonService: @unchecked Sendable {
     /// installed) for the metrics; set by `baton serve`, nil where it cannot tell.
     let staleDomainCount: @Sendable () -> Int?
 
-    public init(stateDirectory: String, staleDomainCount: @escaping @Sendable () -> Int? = { nil }) {
+    /// Told of every hook event of an opted-in domain (domain, operation), after it is recorded:
+    /// where an upgrade policy hooks in. Never called with the lock held.
+    let onHookEvent: @Sendable (String, String) -> Void
+
+    public init(stateDirectory: String, staleDomainCount: @escaping @Sendable () -> Int? = { nil },
+                onHookEvent: @escaping @Sendable (String, String) -> Void = { _, _ in }) {
         self.stateDirectory = stateDirectory
         self.staleDomainCount = staleDomainCount
+        self.onHookEvent = onHookEvent
+    }
+
+    /// Marks an upgrade that runs outside `upgrade` (a QEMU batch started by the policy) as in
+    /// flight under `key`, so that a drain waits for it; false if one runs under that key.
+    public func begin(_ key: String) -> Bool {
+        lock.lock(); defer { lock.unlock() }
+        guard inFlight[key] == nil else { refused += 1; return false }
+        inFlight[key] = Date()
+        return true
+    }
+
+    public func end(_ key: String) { lock.lock(); inFlight[key] = nil; lock.unlock() }
+
+    /// Counts one finished QEMU handoff in the metrics.
+    public func count(mode: String, upgraded: Bool, rolledBack: Bool, pauseMs: Double, bytes: UInt64) {
+        lock.lock(); defer { lock.unlock() }
+        guard upgraded else {
+            failures += 1
+            if rolledBack { rollbacks += 1 }
+            return
+        }
+        handoffs["qemu-" + mode, default: 0] += 1
+        bytesMoved += bytes
+        downtimeSum += pauseMs
+        downtimeCount += 1
+        for b in Self.downtimeBounds where pauseMs <= b { downtimeBuckets[b, default: 0] += 1 }
     }
 
     /// Handles one request line and returns the reply line.
@@ -54,12 +86,14 @@ public final class BatonService: @unchecked Sendable {
         guard let domain = request["domain"] as? String, let operation = request["operation"] as? String else {
             return ["ok": false, "error": "hook event needs domain and operation"]
         }
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
         if operation == "stopped" || operation == "release" {
             domains[domain] = nil
         } else {
             domains[domain] = ["agent": request["agent"] as? String ?? "", "uuid": request["uuid"] as? String ?? "", "lastOperation": operation]
         }
+        lock.unlock()
+        onHookEvent(domain, operation)
         return ["ok": true]
     }
 

@@ -17,6 +17,8 @@ public struct HookRequest: Equatable, Sendable {
     public let uuid: String?
     /// The `agent` of Baton's `<baton:handoff>` metadata: set only for domains that opted in.
     public let batonAgent: String?
+    /// `<memoryBacking>` asks for shared memory (`<access mode='shared'/>`, memfd or file source).
+    public var sharedMemory = false
 
     /// Operations Baton acts on, for domains that opted in.
     public static let actedOn: Set<String> = ["started", "reconnect", "stopped", "release"]
@@ -56,8 +58,10 @@ public struct HookRequest: Equatable, Sendable {
         guard facts.root == "domain" else { throw .badXML("not a <domain> document (root <\(facts.root ?? "?")>)") }
         guard let name = facts.name, !name.isEmpty else { throw .badXML("missing <name>") }
         guard name == arguments[1] else { throw .nameMismatch(argument: arguments[1], xml: name) }
-        return HookRequest(object: arguments[0], domain: name, operation: arguments[2], subOperation: arguments[3],
-                           extra: arguments[4], uuid: facts.uuid, batonAgent: facts.batonAgent)
+        var request = HookRequest(object: arguments[0], domain: name, operation: arguments[2], subOperation: arguments[3],
+                                  extra: arguments[4], uuid: facts.uuid, batonAgent: facts.batonAgent)
+        request.sharedMemory = facts.sharedMemory
+        return request
     }
 
     public var optedIn: Bool { batonAgent != nil }
@@ -71,6 +75,7 @@ final class DomainXMLFacts: NSObject, XMLParserDelegate {
     var name: String?
     var uuid: String?
     var batonAgent: String?
+    var sharedMemory = false
     var error: String?
     private var path: [String] = []
     private var text = ""
@@ -94,6 +99,7 @@ final class DomainXMLFacts: NSObject, XMLParserDelegate {
         if path == ["domain", "metadata"], namespaceURI == "https://baton.dev/xmlns/handoff/1", name == "handoff" {
             batonAgent = attributes["agent"] ?? ""
         }
+        if path == ["domain", "memoryBacking"], name == "access", attributes["mode"] == "shared" { sharedMemory = true }
         path.append(name)
         text = ""
     }

@@ -19,20 +19,36 @@ struct QEMUFleetTests {
         return (list.filter { $0["stale"] as? Bool == true }.count, Dictionary(uniqueKeysWithValues: list.map { ($0["domain"] as? String ?? "", $0) }))
     }
 
+    /// A QEMU install of its own, where the domains' `<emulator>` points: a copy of Debian's
+    /// QEMU 7.2. QEMU finds its modules and firmware relative to its executable (ROOT/usr/lib,
+    /// ROOT/usr/share), as a relocatable install: here, the system's 7.2 ones.
+    static func installOldQEMU(_ tag: String) throws -> (root: String, emulator: String) {
+        let root = "/var/lib/baton/test-emulator-\(tag)-\(getpid())"
+        let emulator = "\(root)/usr/bin/qemu-system-x86_64"
+        try? FileManager.default.removeItem(atPath: root)
+        try FileManager.default.createDirectory(atPath: "\(root)/usr/bin", withIntermediateDirectories: true)
+        try Executable.copy(from: "/usr/bin/qemu-system-x86_64", to: emulator)
+        for dir in ["lib", "share"] { try FileManager.default.createSymbolicLink(atPath: "\(root)/usr/\(dir)", withDestinationPath: "/usr/\(dir)") }
+        return (root, emulator)
+    }
+
+    /// The package upgrade, as dpkg does it: QEMU 10.0 written beside the old file and renamed
+    /// over it (running processes keep the old, now deleted, inode), with its own modules and
+    /// firmware (a qemu-bundle directory beside the executable comes first in QEMU's search).
+    static func packageUpgrade(root: String, emulator: String) throws {
+        try Executable.copy(from: RealQEMU.newQEMU, to: emulator + ".dpkg-new")
+        #expect(rename(emulator + ".dpkg-new", emulator) == 0)
+        try FileManager.default.createSymbolicLink(atPath: "\(root)/usr/bin/qemu-bundle", withDestinationPath: "/opt/baton/qemu-10.0")
+    }
+
     @Test("a package upgrade replaces the emulator: status lists the domains as stale, upgrade --all --parallel 4 moves every shared-RAM one in one libvirt gap, skips the private one unpaused; --max-pause-ms cancels")
     func staleDomainsUpgradedAsABatch() throws {
         if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
         let state = try RealLibvirt.bringUp("qemu-fleet")
         // The path the domains start from: a copy of Debian's QEMU 7.2, later replaced the way a
         // package upgrade replaces it (new file beside it, renamed over it).
-        let root = "/var/lib/baton/test-emulator-\(getpid())"
-        let emulator = "\(root)/usr/bin/qemu-system-x86_64"
-        try FileManager.default.createDirectory(atPath: "\(root)/usr/bin", withIntermediateDirectories: true)
+        let (root, emulator) = try Self.installOldQEMU("fleet")
         defer { try? FileManager.default.removeItem(atPath: root) }
-        try Executable.copy(from: "/usr/bin/qemu-system-x86_64", to: emulator)
-        // QEMU finds its modules and firmware relative to its executable (ROOT/usr/lib/...,
-        // ROOT/usr/share/...), as a relocatable install: here, the system's 7.2 ones.
-        for dir in ["lib", "share"] { try FileManager.default.createSymbolicLink(atPath: "\(root)/usr/\(dir)", withDestinationPath: "/usr/\(dir)") }
 
         let names = (1...4).map { "baton-fleet-\(getpid())-\($0)" }
         let privateName = "baton-fleet-\(getpid())-private"
@@ -55,11 +71,7 @@ struct QEMUFleetTests {
         #expect(RealQEMU.processes(of: names[0]) == [oldPids[names[0]]!], "the domain stays on its old QEMU")
         before[names[0]] = try U.expectContinued(names[0], console: consoles[names[0]]!, before: before[names[0]]!, binary: emulator, pid: oldPids[names[0]])
 
-        // The package upgrade: QEMU 10.0 renamed over the path, with its own modules and firmware
-        // (a qemu-bundle directory beside the executable comes first in QEMU's search).
-        try Executable.copy(from: RealQEMU.newQEMU, to: emulator + ".dpkg-new")
-        #expect(rename(emulator + ".dpkg-new", emulator) == 0)
-        try FileManager.default.createSymbolicLink(atPath: "\(root)/usr/bin/qemu-bundle", withDestinationPath: "/opt/baton/qemu-10.0")
+        try Self.packageUpgrade(root: root, emulator: emulator)
         s = try Self.status(names + [privateName])
         #expect(s.stale == 5, "every domain runs the replaced binary: \(s.domains)")
         for n in names + [privateName] {
@@ -95,6 +107,68 @@ struct QEMUFleetTests {
         // A second run finds only what it cannot upgrade.
         let again = try U.baton(["upgrade", "--all", "--connect", "qemu:///system", "--json"])
         #expect(again.status == 0 && again.out.contains("\"skipped\"") && !again.out.contains("\"upgraded\""), "\(again.out)")
+    }
+
+    @Test("upgrade = \"on-reconnect\": restarting libvirtd after a package upgrade moves a stale opted-in domain with no other command; the hook stays under 100 ms")
+    func onReconnectPolicy() throws {
+        if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
+        let state = try RealLibvirt.bringUp("qemu-policy")
+        let (root, emulator) = try Self.installOldQEMU("policy")
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let name = "baton-policy-\(getpid())"
+        let (_, console) = try U.boot(name, memoryMiB: 256, fillMiB: 32, state: state, emulator: emulator)
+        defer { U.remove(name) }
+        let before = try console.ask("check", timeoutSeconds: 600)
+        let oldPid = RealQEMU.processes(of: name).first ?? 0
+        let enrolled = try U.baton(["enroll", name])
+        #expect(enrolled.status == 0, "\(enrolled.out)")
+
+        // The service, configured by file only (the hook reaches it at state/serve.sock).
+        let config = state + "/baton.toml"
+        try """
+            [service]
+            socket = "\(state)/serve.sock"
+            state_directory = "\(state)/service"
+            [upgrade]
+            policy = "on-reconnect"
+            run_directory = "\(state)/run"
+            """.write(toFile: config, atomically: true, encoding: .utf8)
+        let serve = try Spawn.detached(BatonProcess.executablePath, ["serve", "--config", config], logPath: state + "/serve.log")
+        defer { kill(serve, SIGKILL); _ = Spawn.wait(serve) }
+        #expect(BatonProcess.waitForPath(state + "/serve.sock"), "serve did not start: \(Host.readSmallFile(state + "/serve.log") ?? "")")
+
+        try Self.packageUpgrade(root: root, emulator: emulator)
+        // libvirtd restarts (as a package upgrade's maintainer script would): it reconnects to
+        // the domain, the hook forwards that, the service upgrades the stale domain.
+        let up = try RealLibvirt.run(["/bin/bash", RealLibvirt.upScript, state + "/qemu-hook"])
+        #expect(up.status == 0, "\(up.out)")
+        let deadline = Date().addingTimeInterval(120)
+        var upgradedPid: pid_t?
+        while Date() < deadline {
+            if let pid = RealQEMU.processes(of: name).first, pid != oldPid, (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")) == emulator,
+               (try? RealLibvirt.virsh("domstate", name)) == "running",
+               Host.readSmallFile("/run/libvirt/qemu/\(name).pid")?.trimmingCharacters(in: .whitespacesAndNewlines) == "\(pid)" {
+                upgradedPid = pid
+                break
+            }
+            usleep(250_000)
+        }
+        let log = Host.readSmallFile(state + "/serve.log") ?? ""
+        #expect(upgradedPid != nil, "the service did not upgrade \(name): \(log)")
+        _ = try U.expectContinued(name, console: console, before: before, binary: emulator, pid: upgradedPid)
+        try U.expectManaged(name, version: "\"major\":10")
+        #expect(log.contains("outcome=upgraded") && log.contains("mode=ignore-shared"), "one structured line per upgrade: \(log)")
+        // The hook forwarded the reconnect and each of its runs stayed within 100 ms.
+        let hookLines = (Host.readSmallFile(state + "/hook.log") ?? "").split(separator: "\n").filter { $0.contains("hook qemu \(name) ") }
+        #expect(hookLines.contains { $0.contains("reconnect") && $0.contains("forwarded to baton serve") }, "\(hookLines)")
+        for line in hookLines {
+            let ms = line.split(separator: " ").reversed().dropFirst().first.flatMap { Double($0) } ?? .infinity
+            #expect(ms < 100, "hook run took \(ms) ms: \(line)")
+        }
+        let metrics = try U.baton(["status", "--config", config, "--metrics"])
+        #expect(metrics.out.contains("baton_handoffs_total{transport=\"qemu-ignore-shared\"} 1"), "\(metrics.out)")
+        kill(serve, SIGTERM)
+        #expect(Spawn.wait(serve) == 0, "serve did not stop cleanly: \(Host.readSmallFile(state + "/serve.log") ?? "")")
     }
 }
 }
