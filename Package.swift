@@ -45,7 +45,7 @@ let package = Package(
         // handover, libvirt adopting the new process.
         .target(name: "BatonQEMU", dependencies: ["BatonSystem", "BatonCore", "BatonController", "BatonLibvirt"]),
         // The handoff harness: fault matrix, load, reports.
-        .target(name: "BatonHarness", dependencies: ["BatonController", "BatonVMM", "BatonCore", "BatonSystem", "BatonTestSupport"]),
+        .target(name: "BatonHarness", dependencies: ["BatonController", "BatonVMM", "BatonCore", "BatonSystem", "BatonTestSupport", "BatonLibvirt", "BatonQEMU"]),
         // /etc/baton/baton.toml: parsed with TOMLKit, validated key by key with line numbers.
         .target(name: "BatonConfiguration", dependencies: [.product(name: "TOMLKit", package: "TOMLKit")]),
         // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).

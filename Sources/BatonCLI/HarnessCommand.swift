@@ -1,6 +1,7 @@
 import ArgumentParser
 import BatonCore
 import BatonHarness
+import BatonQEMU
 import BatonSystem
 import BatonTestSupport
 import Foundation
@@ -9,7 +10,10 @@ import Glibc
 struct HarnessCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "harness",
-        abstract: "Run upgrade scenarios against real batonvmm processes: fault matrix, concurrency, downtime by size.")
+        abstract: "Run upgrade scenarios against real batonvmm processes, or (--hypervisor qemu) real libvirt QEMU domains with the test guest: fault matrix, concurrency, downtime by size.")
+
+    @Option(help: "batonvmm (the reference VMM) or qemu (libvirt QEMU domains: needs libvirtd, both QEMUs and the test guest).")
+    var hypervisor: String = "batonvmm"
 
     @Option(help: "Faults to inject: 'all', 'none', or comma-separated names (see Docs/FAULTS.md).")
     var faults: String?
@@ -39,16 +43,19 @@ struct HarnessCommand: ParsableCommand {
         guard faults != nil || concurrent != nil || sizes != nil else {
             throw ValidationError("give --faults, --concurrent or --sizes")
         }
-        if let faults, faults != "all" {
-            let known = Set(HarnessFault.all.map(\.name))
-            for f in faults.split(separator: ",") where !known.contains(String(f)) {
-                throw ValidationError("--faults: unknown fault '\(f)' (known: \(HarnessFault.all.map(\.name).joined(separator: ", ")))")
+        guard ["batonvmm", "qemu"].contains(hypervisor) else { throw ValidationError("--hypervisor: '\(hypervisor)' is not batonvmm or qemu") }
+        if hypervisor == "qemu", sizes != nil { throw ValidationError("--sizes: downtime by size is `baton bench qemu` for QEMU") }
+        if let faults, faults != "all", faults != "none" {
+            let names = hypervisor == "qemu" ? QEMUHarnessFault.all.map(\.name) : HarnessFault.all.map(\.name)
+            for f in faults.split(separator: ",") where !names.contains(String(f)) {
+                throw ValidationError("--faults: unknown fault '\(f)' (known: \(names.joined(separator: ", ")))")
             }
         }
         if let concurrent, !(1...64).contains(concurrent) { throw ValidationError("--concurrent must be 1...64") }
     }
 
     func run() throws {
+        if hypervisor == "qemu" { return try runQEMU() }
         let vmm = Executable.besideThisProcess("batonvmm")
         let work = try BatonProcess.makeRunDirectory("harness")
         defer { try? FileManager.default.removeItem(atPath: work) }
@@ -69,6 +76,30 @@ struct HarnessCommand: ParsableCommand {
             report.downtime = harness.downtime(sizes: try sizes.split(separator: ",").map { try parseSize(String($0), option: "--sizes") },
                                                transports: transportList, runs: runs)
         }
+        try finish(report)
+    }
+
+    /// The QEMU matrix and batch on real libvirt domains.
+    func runQEMU() throws {
+        let work = try BatonProcess.makeRunDirectory("harness-qemu")
+        defer { try? FileManager.default.removeItem(atPath: work) }
+        var harness = QEMUHarness(baton: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"), workDirectory: work)
+        harness.progress = { line in if !json { FileHandle.standardError.write(Data((line + "\n").utf8)) } }
+        if let why = harness.unavailableReason { throw fail("harness --hypervisor qemu cannot run here: \(why)", .checkFailed) }
+        var report = HarnessReport()
+        if let faults, faults != "none" {
+            let selected = faults == "all" ? QEMUHarnessFault.all : QEMUHarnessFault.all.filter { faults.split(separator: ",").map(String.init).contains($0.name) }
+            report.cases += harness.faultMatrix(selected)
+        }
+        if let concurrent {
+            report.concurrent = concurrent
+            report.cases += harness.concurrent(concurrent, ramMiB: try parseSize(ram, option: "--ram") >> 20)
+        }
+        try finish(report)
+    }
+
+    func finish(_ report: HarnessReport) throws {
+        var report = report
         report.summarize()
         try FileManager.default.createDirectory(atPath: reportDirectory, withIntermediateDirectories: true)
         let command = CommandLine.arguments.joined(separator: " ")

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BatonController
 import BatonCore
+import BatonHarness
 import BatonLibvirt
 import BatonQEMU
 import BatonSystem
@@ -73,14 +74,14 @@ struct QEMUBench: ParsableCommand {
             var baton: [Double] = [], raw: [Double] = [], gaps: [Double] = []
             let cpr = mode == "cpr-transfer"
             // Baton: a libvirt domain on the old QEMU (cpr: first moved to the new one, not counted).
-            var domain: (LibvirtDomain, String)?
+            var domain: QEMUTestDomain?
             for i in 0..<runs {
                 if domain == nil || !cpr {
-                    if let (_, name) = domain { remove(name) }
+                    domain?.remove()
                     domain = try bootDomain(ramMiB: ramMiB, fillMiB: fillMiB, dir: dir)
-                    if cpr { _ = try upgrade(domain!.1) }
+                    if cpr { _ = try upgrade(domain!.name) }
                 }
-                let r = try upgrade(domain!.1)
+                let r = try upgrade(domain!.name)
                 guard r.mode == mode else { throw ValidationError("expected \(mode), Baton chose \(r.mode)") }
                 baton.append(r.pauseMs)
                 gaps.append(r.managementGapMs)
@@ -88,15 +89,16 @@ struct QEMUBench: ParsableCommand {
                 raw.append(try rawHandover(cpr: cpr, ramMiB: ramMiB, fillMiB: fillMiB, dir: dir))
                 progress("\(mode) raw run \(i + 1): pause \(String(format: "%.2f", raw.last!)) ms")
             }
-            if let (_, name) = domain { remove(name) }
+            domain?.remove()
             let b = Spread(baton), r = Spread(raw)
             results.append(ModeResult(mode: mode, batonPauseMs: b, rawPauseMs: r, overheadMs: b.median - r.median, managementGapMs: Spread(gaps), batonSamples: baton, rawSamples: raw))
         }
         var batchResult: BatchResult?
         if batch > 0 {
-            var names: [String] = []
-            defer { names.forEach(remove) }
-            for _ in 0..<batch { names.append(try bootDomain(ramMiB: ramMiB, fillMiB: fillMiB, dir: dir).1) }
+            var domains: [QEMUTestDomain] = []
+            defer { domains.forEach { $0.remove() } }
+            for _ in 0..<batch { domains.append(try bootDomain(ramMiB: ramMiB, fillMiB: fillMiB, dir: dir)) }
+            let names = domains.map(\.name)
             var template = QEMUUpgradeOptions(domain: "", newEmulator: new)
             template.uri = connect
             let summary = try QEMUBatchUpgrade(targets: names.map { .init(domain: $0, newEmulator: new) }, template: template, parallel: batch).run()
@@ -123,28 +125,9 @@ struct QEMUBench: ParsableCommand {
         print("(\(ram) guest with \(fill) of random data, TCG, \(runs) runs per side; pause = guest STOP in the old QEMU → RESUME in the new, from QEMU's event timestamps)")
     }
 
-    func bootDomain(ramMiB: Int, fillMiB: Int, dir: String) throws -> (LibvirtDomain, String) {
-        let name = "baton-bench-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
-        let serial = "\(dir)/\(name).ser"
-        let xml = """
-        <domain type='qemu'><name>\(name)</name><memory unit='MiB'>\(ramMiB)</memory><vcpu>1</vcpu>
-          <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>
-          <os><type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type><kernel>\(guest)/vmlinuz</kernel><initrd>\(guest)/initrd.gz</initrd>
-          <cmdline>console=ttyS0 quiet panic=-1 fill=\(fillMiB)</cmdline></os><features><acpi/></features><clock offset='utc'/>
-          <devices><emulator>\(old)</emulator><controller type='usb' model='none'/>
-          <serial type='unix'><source mode='bind' path='\(serial)'/></serial><memballoon model='none'/></devices></domain>
-        """
-        let d = try LibvirtConnection(uri: connect).defineAndStart(xml: xml)
-        let console = GuestConsole(path: serial)
-        _ = try console.ask("ping", timeoutSeconds: 900)
-        return (d, name)
-    }
-
-    /// Through a fresh connection: every upgrade restarts libvirtd, which closes older ones.
-    func remove(_ name: String) {
-        guard let c = try? LibvirtConnection(uri: connect), let d = try? c.domain(named: name) else { return }
-        try? d.destroy()
-        try? d.undefine()
+    func bootDomain(ramMiB: Int, fillMiB: Int, dir: String) throws -> QEMUTestDomain {
+        try QEMUTestDomain.boot(name: "baton-bench-\(getpid())-\(UInt16.random(in: 0...UInt16.max))", uri: connect, emulator: old,
+                                ramMiB: ramMiB, fillMiB: fillMiB, guest: guest, directory: dir, bootTimeoutSeconds: 900)
     }
 
     func upgrade(_ name: String) throws -> QEMUUpgradeReport {

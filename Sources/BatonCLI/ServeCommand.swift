@@ -184,7 +184,7 @@ struct StatusCommand: ParsableCommand {
     @Option(name: .customLong("connect"), help: "libvirt connection URI whose QEMU domains are listed. Default: [upgrade] libvirt_uri.")
     var connectOption: String?
 
-    @Flag(help: "One JSON object: the service's fields, plus \"domains\" and \"staleDomains\".")
+    @Flag(help: "One JSON object: the service's fields (\"service\" says why if it is unreachable), plus \"qemuDomains\" and \"staleDomains\".")
     var json = false
 
     @Flag(help: "The service's Prometheus text instead.")
@@ -215,10 +215,10 @@ struct StatusCommand: ParsableCommand {
         if json {
             if let serviceError { reply["service"] = "unreachable: \(serviceError)" }
             if let domains {
-                reply["domains"] = try JSONSerialization.jsonObject(with: JSONEncoder().encode(domains))
+                reply["qemuDomains"] = try JSONSerialization.jsonObject(with: JSONEncoder().encode(domains))
                 reply["staleDomains"] = domains.filter(\.stale).count
             } else {
-                reply["domainsError"] = libvirtError ?? ""
+                reply["qemuDomainsError"] = libvirtError ?? ""
             }
             print(String(decoding: try JSONSerialization.data(withJSONObject: reply, options: [.sortedKeys]), as: UTF8.self))
             return

@@ -107,7 +107,9 @@ struct UpgradeCommand: ParsableCommand {
             // Preflight through libvirt, before anything is paused: Baton moves RAM only out of
             // a hypervisor that embeds its agents, and says so for any other domain.
             let d: LibvirtDomain
-            do { d = try LibvirtConnection(uri: connect).domain(domain) } catch { throw fail("\(error)", .failure) }
+            do { d = try LibvirtConnection.connect(uri: connect, answeringWithin: timeout).domain(domain) } catch {
+                throw fail("\(error); nothing was paused", .peerRefused)
+            }
             guard try d.state().state == .running else { throw fail("domain \(d.name) is \(try d.state().state.rawValue), not running; nothing was paused", .failure) }
             if let element = try? d.metadata(), let meta = BatonMetadata(element: element), let agent = meta.agent, !agent.isEmpty {
                 vm = agent
@@ -340,7 +342,9 @@ struct RecoverCommand: ParsableCommand {
     func run() throws {
         let entries = try UpgradeJournal.read(path: journal)
         if entries.contains(where: { $0.context != nil }) {
-            print("baton: \(try QEMURecovery.recover(entries: entries, journal: UpgradeJournal(path: journal)))")
+            do { print("baton: \(try QEMURecovery.recover(entries: entries, journal: UpgradeJournal(path: journal)))") } catch let e as QEMUUpgradeError {
+                throw fail(e.description, BatonExit.forQEMU(e))
+            }
             return
         }
         let outcome = try UpgradeRecovery.recover(journalPath: journal)

@@ -69,7 +69,11 @@ public struct UpgradeOptions: Sendable {
 /// `kill-new-after:PHASE` (SIGKILL the new instance), `kill-old-after:PHASE`,
 /// `crash-controller-after:PHASE` (stop dead, as if SIGKILLed: no rollback; `baton recover` must finish).
 public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
-    public enum Action: String, Sendable { case killNew = "kill-new-after", killOld = "kill-old-after", crash = "crash-controller-after" }
+    public enum Action: String, Sendable {
+        case killNew = "kill-new-after", killOld = "kill-old-after", crash = "crash-controller-after"
+        /// QEMU upgrades: SIGKILL the host's libvirtd.
+        case killLibvirtd = "kill-libvirtd-after"
+    }
     public let action: Action
     public let phase: UpgradeJournal.Phase
 
@@ -86,13 +90,14 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String { "\(action.rawValue):\(phase.rawValue)" }
 
-    /// Fires if `phase` is this fault's phase: SIGKILL the new or old instance (pid 0: none
-    /// yet), or stop dead as a crashed controller would.
-    public func fire(at phase: UpgradeJournal.Phase, newPid: Int32, oldPid: Int32, journalPath: String) throws {
+    /// Fires if `phase` is this fault's phase: SIGKILL the new or old instance or libvirtd
+    /// (pid 0: none), or stop dead as a crashed controller would.
+    public func fire(at phase: UpgradeJournal.Phase, newPid: Int32, oldPid: Int32, libvirtdPid: Int32 = 0, journalPath: String) throws {
         guard phase == self.phase else { return }
         switch action {
         case .killNew: if newPid > 0 { kill(newPid, SIGKILL) }
         case .killOld: if oldPid > 0 { kill(oldPid, SIGKILL) }
+        case .killLibvirtd: if libvirtdPid > 0 { kill(libvirtdPid, SIGKILL) }
         case .crash: throw ControllerCrashed(phase: phase, journalPath: journalPath)
         }
     }

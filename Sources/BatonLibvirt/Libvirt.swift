@@ -55,6 +55,38 @@ public final class LibvirtConnection: @unchecked Sendable {
 
     deinit { virConnectClose(handle) }
 
+    /// Opens `uri` on a helper thread and waits at most `seconds` for libvirtd to answer: a
+    /// libvirtd that is stopped (SIGSTOP) or wedged still accepts the connection and then never
+    /// answers, and libvirt's client would wait for it forever. (A helper that never returns is
+    /// left behind; the caller reports the refusal and goes on.)
+    public static func connect(uri: String, answeringWithin seconds: Double) throws -> LibvirtConnection {
+        final class Result: @unchecked Sendable {
+            let done = NSCondition()
+            var connection: LibvirtConnection?
+            var error: Error?
+            var finished = false
+        }
+        let result = Result()
+        Thread {
+            var c: LibvirtConnection?
+            var e: Error?
+            do { c = try LibvirtConnection(uri: uri); _ = try c?.activeDomainNames() } catch { e = error }
+            result.done.lock()
+            (result.connection, result.error, result.finished) = (c, e, true)
+            result.done.broadcast()
+            result.done.unlock()
+        }.start()
+        result.done.lock()
+        defer { result.done.unlock() }
+        let deadline = Date().addingTimeInterval(seconds)
+        while !result.finished && result.done.wait(until: deadline) {}
+        guard result.finished else {
+            throw LibvirtError(operation: "virConnectOpen(\(uri))", code: -1, domain: -1, message: "libvirtd did not answer within \(seconds) s")
+        }
+        if let e = result.error { throw e }
+        return result.connection!
+    }
+
     public func domain(named name: String) throws -> LibvirtDomain {
         guard let d = virDomainLookupByName(handle, name) else { throw LibvirtError.last("virDomainLookupByName(\(name))") }
         return LibvirtDomain(handle: d, connection: self)

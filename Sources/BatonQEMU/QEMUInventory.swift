@@ -22,6 +22,12 @@ public struct QEMUDomainStatus: Codable, Sendable, Equatable {
     public var staleReason: String?
     /// Guest RAM is shared memory (a handoff leaves it in place); otherwise `baton enroll` first.
     public var sharedRAM: Bool
+
+    public init(domain: String, pid: Int32, emulator: String, runningBinary: String, runningVersion: String?, installedVersion: String?,
+                stale: Bool, staleReason: String?, sharedRAM: Bool) {
+        (self.domain, self.pid, self.emulator, self.runningBinary) = (domain, pid, emulator, runningBinary)
+        (self.runningVersion, self.installedVersion, self.stale, self.staleReason, self.sharedRAM) = (runningVersion, installedVersion, stale, staleReason, sharedRAM)
+    }
 }
 
 /// Finds every running QEMU domain of a libvirt connection and says which are stale.
@@ -55,7 +61,7 @@ public enum QEMUInventory {
 
     /// Why a process running `running` (identity `runningIdentity`) is not running the file at
     /// `emulator` (identity `installedIdentity`), or nil if it is. Pure.
-    static func staleness(running: String, runningIdentity: String?, emulator: String, installedIdentity: String?) -> String? {
+    public static func staleness(running: String, runningIdentity: String?, emulator: String, installedIdentity: String?) -> String? {
         guard let installedIdentity else { return "\(emulator) no longer exists" }
         guard let runningIdentity else { return nil }  // cannot tell: do not claim staleness
         if runningIdentity == installedIdentity { return nil }

@@ -1,3 +1,4 @@
+import BatonLibvirt
 import BatonSystem
 import Foundation
 import Glibc

@@ -18,7 +18,14 @@ public enum QEMURecovery {
             rename(kept, path)
         }
         var observed = "unreachable"
-        if Host.isAlive(record.oldPid), let monitor = oldMonitor ?? (try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5)) {
+        if oldMonitor == nil, record.libvirtd.pid != nil, isQEMU(record.oldPid, of: record.domain) {
+            // libvirtd runs, so it holds the old QEMU's monitor (it was never stopped, or was
+            // started again): ask it, not QMP.
+            if let d = try? LibvirtConnection(uri: record.uri).domain(record.domain), let state = try? d.state().state {
+                if state == .paused { try? d.resume() }
+                observed = (try? d.state().state.rawValue) ?? "unreachable"
+            }
+        } else if Host.isAlive(record.oldPid), let monitor = oldMonitor ?? (try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5, greetingTimeoutSeconds: 2)) {
             if let s = try? monitor.query("query-status", as: QEMURunState.self), !s.running {
                 _ = try? monitor.execute("cont")
             }
@@ -49,7 +56,7 @@ public enum QEMURecovery {
         }
         let status = LibvirtStatusFile(xml: statusText)
         var vcpus = newVCPUs
-        if vcpus.isEmpty, let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5) {
+        if vcpus.isEmpty, record.libvirtd.pid == nil, let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5, greetingTimeoutSeconds: 2) {
             vcpus = Dictionary(uniqueKeysWithValues: ((try? m.query("query-cpus-fast", as: [QEMUCPU].self)) ?? []).map { ($0.cpuIndex, $0.threadId) })
         }
         // vCPU threads into the cgroups libvirt made for them (read from the old threads while
@@ -86,6 +93,16 @@ public enum QEMURecovery {
         }
     }
 
+    /// The new QEMU ran the guest and is gone: the old one's CPU and device state is from before,
+    /// the RAM from after, so resuming it would corrupt the guest. It is stopped, never resumed;
+    /// libvirtd is started (it sees the domain shut off). Returns the error that says so.
+    static func lost(record: QEMUHandoffRecord, startLibvirtd: Bool = true) -> QEMUUpgradeError {
+        if isQEMU(record.oldPid, of: record.domain) { killAndWait(record.oldPid) }
+        for kept in record.movedSockets.values { unlink(kept) }
+        if startLibvirtd { _ = try? record.libvirtd.start(uri: record.uri) }
+        return .rollForwardIncomplete("the new QEMU (pid \(record.newPid ?? 0)) died after it ran \(record.domain): the guest is lost (the old QEMU's state was stale: it was stopped, never resumed)")
+    }
+
     /// Points the persistent definition's `<emulator>` at the new binary (the next cold boot
     /// uses it). Returns whether the definition changed.
     public static func updateDefinition(record: QEMUHandoffRecord) -> Bool {
@@ -108,14 +125,19 @@ public enum QEMURecovery {
             try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: record.domain, oldPid: record.oldPid, newPid: record.newPid, note: text, context: context))
         }
         if phases.contains(.committing), let newPid = record.newPid, isQEMU(newPid, of: record.domain) {
-            // The new QEMU may have been stopped at the state load: run it, then finish.
-            if let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5),
+            // The new QEMU may have been stopped at the state load: run it, then finish. (Once
+            // libvirtd runs again it holds the monitor, and it adopted the running QEMU.)
+            if record.libvirtd.pid == nil, let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 5, greetingTimeoutSeconds: 2),
                let s = try? m.query("query-status", as: QEMURunState.self), !s.running, s.status == "paused" {
                 _ = try? m.execute("cont")
             }
             try rollForward(record: record, newVCPUs: [:])
             try note(.done, "recovered forward")
             return "rolled forward: the new QEMU (pid \(newPid)) runs \(record.domain), libvirt adopted it"
+        }
+        if phases.contains(.committed) {
+            try note(.done, "lost: the new QEMU died after running the guest")
+            throw lost(record: record)
         }
         let observed = rollBack(record: record, oldMonitor: nil, newMonitor: nil)
         try note(.rolledBack, "recovered back")
@@ -124,9 +146,12 @@ public enum QEMURecovery {
 
     /// Whether `pid` is still a QEMU running `domain` (a journal's pid may have been reused by
     /// an unrelated process since; recovery must never kill that).
+    /// Baton's launcher (`baton qemu-exec --stage-two ... -- qemu-system-x86_64 ...`) counts: it
+    /// is about to exec that QEMU, and a recovery that spared it would leave two.
     static func isQEMU(_ pid: pid_t, of domain: String) -> Bool {
         guard Host.isAlive(pid), let argv = try? ProcessHandles.commandLine(of: pid) else { return false }
-        return argv.first?.contains("qemu-system") == true && argv.contains { $0.hasPrefix("guest=\(domain),") || $0 == "guest=\(domain)" }
+        let qemuOrLauncher = argv.first?.contains("qemu-system") == true || (argv.count > 1 && argv[1] == "qemu-exec")
+        return qemuOrLauncher && argv.contains { $0.hasPrefix("guest=\(domain),") || $0 == "guest=\(domain)" }
     }
 
     static func killAndWait(_ pid: pid_t) {

@@ -102,6 +102,8 @@ public final class QEMUUpgrade: @unchecked Sendable {
     var libvirtdStoppedAt: UInt64?
     /// `committing` is journaled: the new QEMU may run the guest from here on.
     var pastPointOfNoReturn = false
+    /// The new QEMU has loaded all of the guest's state (it could run the guest on its own).
+    var stateLoaded = false
     /// A batch (QEMUBatchUpgrade) stops libvirtd once for all its domains and starts it once
     /// after: this upgrade then neither stops nor starts it.
     var libvirtdHeldByBatch = false
@@ -117,7 +119,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
         let connection: LibvirtConnection
         let domain: LibvirtDomain
         do {
-            connection = try LibvirtConnection(uri: options.uri)
+            connection = try LibvirtConnection.connect(uri: options.uri, answeringWithin: options.timeoutSeconds)
             domain = try connection.domain(options.domain)
         } catch { throw QEMUUpgradeError.refused("\(error)") }
         let state = try domain.state().state
@@ -222,7 +224,16 @@ public final class QEMUUpgrade: @unchecked Sendable {
     func log(_ phase: UpgradeJournal.Phase, note: String? = nil, durable: Bool = true) throws {
         try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
                                  newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: record.json), durable: durable)
-        try options.fault?.fire(at: phase, newPid: report.newPid, oldPid: report.oldPid, journalPath: journal.path)
+        if let fault = options.fault {
+            let libvirtd = record.libvirtd.pid ?? 0
+            if fault.phase == phase, fault.action != .crash {
+                // Evidence for the harness that the fault really fired, and on which process.
+                let target = fault.action == .killNew ? report.newPid : fault.action == .killOld ? report.oldPid : libvirtd
+                try? journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
+                                          newPid: report.newPid == 0 ? nil : report.newPid, note: "injected \(fault) on pid \(target)", context: record.json), durable: false)
+            }
+            try fault.fire(at: phase, newPid: report.newPid, oldPid: report.oldPid, libvirtdPid: libvirtd, journalPath: journal.path)
+        }
     }
 
     public func run() throws -> QEMUUpgradeReport {
@@ -263,8 +274,22 @@ public final class QEMUUpgrade: @unchecked Sendable {
         } catch let crash as ControllerCrashed {
             throw crash
         } catch {
+            // The old QEMU died after the new one had loaded the whole state: the new one holds
+            // the only copy of the guest, so go forward (the old side can no longer be compared).
+            if !pastPointOfNoReturn, stateLoaded, !QEMURecovery.isQEMU(report.oldPid, of: record.domain), QEMURecovery.isQEMU(report.newPid, of: record.domain) {
+                report.verified = false
+                report.error = "the old QEMU died after the migration (\(error)): the new QEMU runs the guest, RAM samples not compared"
+                try? log(.committing, note: "old QEMU gone after the migration: forward")
+                pastPointOfNoReturn = true
+            }
             // Past `committing` the new QEMU may already run the guest (a `cont` whose reply was
             // lost): while it lives, only forward is safe.
+            if committed, !QEMURecovery.isQEMU(report.newPid, of: record.domain) {
+                report.error = "\(error)"
+                let lost = QEMURecovery.lost(record: record, startLibvirtd: !libvirtdHeldByBatch)
+                try? log(.done, note: "lost: the new QEMU died after running the guest")
+                throw lost
+            }
             if committed || (pastPointOfNoReturn && QEMURecovery.isQEMU(report.newPid, of: record.domain)) {
                 report.error = "\(error)"
                 if !committed {
@@ -406,7 +431,9 @@ public final class QEMUUpgrade: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(options.timeoutSeconds)
         while true {
             guard Host.isAlive(pid) else { throw QEMUUpgradeError.rolledBack("the new QEMU (pid \(pid)) exited: \(QEMUHost.logTail(domain: record.domain))") }
-            if let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 0.5, commandTimeoutSeconds: options.timeoutSeconds) { return m }
+            // A short greeting wait: if the new QEMU died, the connection lands in the backlog of
+            // the twin listener this process still holds, and no greeting ever comes.
+            if let m = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 0.5, commandTimeoutSeconds: options.timeoutSeconds, greetingTimeoutSeconds: 2) { return m }
             guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU's monitor did not answer within \(options.timeoutSeconds) s") }
         }
     }
@@ -461,6 +488,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
             }
             try QEMUVerification.compareDevices(old: old, new: new)
         }
+        stateLoaded = true
         let migrated = Host.monotonicNanoseconds()
         report.breakdown.migrationMs = Double(migrated - start) / 1e6
         try log(.transferred, durable: false)

@@ -54,7 +54,9 @@ public final class QMPConnection {
 
     /// Connects, retrying until `timeoutSeconds` (a QEMU that is starting binds late), and
     /// negotiates capabilities. Every later read is bounded by `commandTimeoutSeconds`.
-    public init(path: String, timeoutSeconds: Double = 10, commandTimeoutSeconds: Double = 30) throws {
+    /// `greetingTimeoutSeconds` (default: the longer of the two) bounds the wait for the
+    /// greeting: a monitor that already serves another client (libvirtd) accepts and stays silent.
+    public init(path: String, timeoutSeconds: Double = 10, commandTimeoutSeconds: Double = 30, greetingTimeoutSeconds: Double? = nil) throws {
         self.path = path
         let deadline = Date().addingTimeInterval(timeoutSeconds)
         var last: Error?
@@ -67,7 +69,7 @@ public final class QMPConnection {
             }
         }
         socket = connected!
-        try socket.setTimeout(seconds: max(timeoutSeconds, commandTimeoutSeconds))
+        try socket.setTimeout(seconds: greetingTimeoutSeconds ?? max(timeoutSeconds, commandTimeoutSeconds))
         let greeting = try readMessage(for: "greeting")
         guard greeting["QMP"] != nil else { throw QMPError(kind: .protocolViolation, command: "greeting", message: "no QMP greeting from \(path)") }
         try socket.setTimeout(seconds: commandTimeoutSeconds)

@@ -103,4 +103,20 @@ struct QEMUCommandLineTests {
         #expect(c == "<domain><memory>1</memory><memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking></domain>")
         #expect(QEMUCommandLine(QEMUCommandLineTests.libvirtArgv).ramBytes == 268435456)
     }
+
+    @Test("staleness: same file is current; a replaced or removed emulator is stale, with the reason; unknown is never called stale")
+    func staleness() {
+        #expect(QEMUInventory.staleness(running: "/usr/bin/q", runningIdentity: "1:2", emulator: "/usr/bin/q", installedIdentity: "1:2") == nil)
+        let replaced = QEMUInventory.staleness(running: "/usr/bin/q (deleted)", runningIdentity: "1:2", emulator: "/usr/bin/q", installedIdentity: "1:3")
+        #expect(replaced == "/usr/bin/q was replaced by a different file (the running one is deleted)")
+        #expect(QEMUInventory.staleness(running: "/usr/bin/q (deleted)", runningIdentity: "1:2", emulator: "/usr/bin/q", installedIdentity: nil) == "/usr/bin/q no longer exists")
+        #expect(QEMUInventory.staleness(running: "?", runningIdentity: nil, emulator: "/usr/bin/q", installedIdentity: "1:3") == nil)
+        let d = QEMUDomainStatus(domain: "a", pid: 1, emulator: "/usr/bin/q", runningBinary: "/usr/bin/q (deleted)", runningVersion: "7.2.19",
+                                 installedVersion: "10.0.2", stale: true, staleReason: replaced, sharedRAM: true)
+        var current = d
+        current.domain = "b"
+        current.stale = false
+        let targets = QEMUBatchUpgrade.staleTargets([d, current], binary: nil)
+        #expect(targets.map(\.domain) == ["a"] && targets.first?.newEmulator == "/usr/bin/q", "only stale domains, onto their installed emulator")
+    }
 }

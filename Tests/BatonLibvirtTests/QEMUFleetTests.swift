@@ -15,7 +15,7 @@ struct QEMUFleetTests {
     static func status(_ ours: [String]) throws -> (stale: Int, domains: [String: [String: Any]]) {
         let r = try U.baton(["status", "--socket", "/nonexistent/baton.sock", "--json"])
         #expect(r.status == 0, "baton status: \(r.out)")
-        let list = (r.report["domains"] as? [[String: Any]] ?? []).filter { ours.contains($0["domain"] as? String ?? "") }
+        let list = (r.report["qemuDomains"] as? [[String: Any]] ?? []).filter { ours.contains($0["domain"] as? String ?? "") }
         return (list.filter { $0["stale"] as? Bool == true }.count, Dictionary(uniqueKeysWithValues: list.map { ($0["domain"] as? String ?? "", $0) }))
     }
 
