@@ -15,6 +15,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
     ],
     targets: [
         // Thin C shim: only what Swift cannot import (_GNU_SOURCE calls, CMSG_*, function-like macros).
@@ -40,7 +42,7 @@ let package = Package(
         // Baton's libvirt adapter: connections, domains, metadata, events, HypervisorControl.
         .target(name: "BatonLibvirt", dependencies: ["CLibvirt", "BatonController"]),
         // The upgrade sequence, journal, HypervisorControl and its implementations.
-        .target(name: "BatonController", dependencies: ["BatonSystem", "BatonCore"]),
+        .target(name: "BatonController", dependencies: ["BatonSystem", "BatonCore", .product(name: "Metrics", package: "swift-metrics")]),
         // QEMU under libvirt: QMP, command-line translation, cpr-transfer / x-ignore-shared
         // handover, libvirt adopting the new process.
         .target(name: "BatonQEMU", dependencies: ["BatonSystem", "BatonCore", "BatonController", "BatonLibvirt"]),
@@ -55,6 +57,8 @@ let package = Package(
             "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt", "BatonQEMU", "BatonConfiguration",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
         ]),
         .executableTarget(name: "baton", dependencies: ["BatonCLI"]),
         .executableTarget(name: "batonvmm", dependencies: [

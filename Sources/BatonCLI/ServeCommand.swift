@@ -30,6 +30,9 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "manual | on-reconnect | on-stale. Default: [upgrade] policy.")
     var policy: String?
 
+    @Option(help: "Serve Prometheus text at http://ADDRESS:PORT/metrics (port 0: any). Default: [service] metrics_listen.")
+    var metricsListen: String?
+
     func run() throws {
         let file = try config.load()
         let socket = self.socket ?? file.serviceSocket, state = self.state ?? file.stateDirectory
@@ -51,8 +54,16 @@ struct ServeCommand: ParsableCommand {
         }
         // The QEMU upgrade policy: stale opted-in domains move on reconnect and/or periodically.
         let upgrader = Box<QEMUAutoUpgrader>()
+        _ = MetricsExport.registry  // bootstraps swift-metrics before anything counts
         let service = BatonService(stateDirectory: state, staleDomainCount: { (try? QEMUInventory.scan(uri: uri))?.filter(\.stale).count },
-                                   onHookEvent: { domain, operation in upgrader.value?.hookEvent(domain: domain, operation: operation) })
+                                   onHookEvent: { domain, operation in upgrader.value?.hookEvent(domain: domain, operation: operation) },
+                                   metricsText: { MetricsExport.text() })
+        var metricsAddress: String?
+        if let address = metricsListen ?? file.metricsListen {
+            do { metricsAddress = try MetricsExport.serve(on: address, text: { service.metrics() }).1 } catch {
+                throw fail("--metrics-listen \(address): \(error)", .usage)
+            }
+        }
         if policy != .manual {
             var template = QEMUUpgradeOptions(domain: "", newEmulator: "")
             template.uri = uri
@@ -69,8 +80,15 @@ struct ServeCommand: ParsableCommand {
                 return true
             }, onOutcome: { o in
                 let r = o.report
-                service.count(mode: r?.mode ?? "?", upgraded: o.status == .upgraded, rolledBack: o.status == .rolledBack,
-                              pauseMs: r?.pauseMs ?? 0, bytes: UInt64(max(0, r?.ramBytesMoved ?? 0)))
+                let outcome: BatonMetrics.Outcome = switch o.status {
+                case .upgraded: .succeeded
+                case .rolledBack: .rolledBack
+                case .incomplete: .rolledForward
+                case .skipped: .refused
+                }
+                service.count(mode: r?.mode ?? "none", outcome: outcome, pauseMs: r?.pauseMs ?? 0,
+                              phasesMs: r.map { [("migration", $0.breakdown.migrationMs), ("verify", $0.breakdown.verifyMs), ("resume", $0.breakdown.resumeMs)] } ?? [],
+                              bytes: r?.ramBytesMoved ?? 0)
                 // One structured line per upgrade.
                 log.info("upgrade", metadata: ["domain": "\(o.domain)", "outcome": "\(o.status.rawValue)", "mode": "\(r?.mode ?? "")",
                                                "oldPid": "\(r?.oldPid ?? 0)", "newPid": "\(r?.newPid ?? 0)",
@@ -103,7 +121,9 @@ struct ServeCommand: ParsableCommand {
         }
         accepting.start()
         upgrader.value?.start()
-        log.info("listening", metadata: ["pid": "\(getpid())", "socket": "\(socket)", "state": "\(state)", "policy": "\(policy.rawValue)", "libvirt": "\(uri)"])
+        log.info("listening", metadata: ["pid": "\(getpid())", "socket": "\(socket)", "state": "\(state)", "policy": "\(policy.rawValue)", "libvirt": "\(uri)",
+                                         "metrics": "\(metricsAddress.map { "http://\($0)/metrics" } ?? "none")"])
+        if let metricsAddress { try? metricsAddress.write(toFile: state + "/metrics.address", atomically: true, encoding: .utf8) }
         var received: Int32 = 0
         sigwait(&signals, &received)
         log.notice("signal \(received): draining")

@@ -23,6 +23,8 @@ public struct BatonConfiguration: Sendable, Equatable {
     public var drainSeconds = 120.0
     /// swift-log level of `baton serve`'s log lines.
     public var logLevel = "info"
+    /// Where `baton serve` serves `GET /metrics` ("127.0.0.1:9464"); nil: no HTTP endpoint.
+    public var metricsListen: String?
     // [hook]
     public var hookBudgetSeconds = 1.0
     // [upgrade]
@@ -97,6 +99,14 @@ public struct BatonConfiguration: Sendable, Equatable {
             "state_directory": path { $0.stateDirectory = $1 },
             "drain_seconds": number(min: 0, max: 86_400) { $0.drainSeconds = $1 },
             "log_level": oneOf(logLevels) { $0.logLevel = $1 },
+            "metrics_listen": string { c, s in
+                if s.isEmpty { c.metricsListen = nil; return nil }
+                guard let colon = s.lastIndex(of: ":"), UInt16(s[s.index(after: colon)...]) != nil, !s[..<colon].isEmpty else {
+                    return "'\(s)' is not ADDRESS:PORT (e.g. 127.0.0.1:9464), or \"\" for none"
+                }
+                c.metricsListen = s
+                return nil
+            },
         ],
         "hook": [
             "budget_seconds": number(min: 0.01, max: 60) { $0.hookBudgetSeconds = $1 },
@@ -204,6 +214,7 @@ public struct BatonConfiguration: Sendable, Equatable {
         state_directory = \(q(stateDirectory))
         drain_seconds = \(n(drainSeconds))
         log_level = \(q(logLevel))
+        metrics_listen = \(q(metricsListen ?? ""))
 
         [hook]
         budget_seconds = \(n(hookBudgetSeconds))

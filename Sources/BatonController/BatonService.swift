@@ -3,23 +3,18 @@ import Foundation
 import Glibc
 
 /// The Baton service's state: which upgrades run (one per VM at a time, different VMs
-/// concurrently), what finished, counters and a downtime histogram for Prometheus, and the
+/// concurrently), what finished (counts for `status`; metrics through BatonMetrics), and the
 /// domains libvirt's hook told us about. Requests are newline-delimited JSON on a Unix socket.
 public final class BatonService: @unchecked Sendable {
     public let stateDirectory: String
     let lock = NSLock()
     var inFlight: [String: Date] = [:]
-    var handoffs: [String: Int] = [:]      // by transport
+    var completed = 0
     var failures = 0
     var rollbacks = 0
     var refused = 0
-    var bytesMoved: UInt64 = 0
-    var downtimeBuckets: [Double: Int] = [:]
-    var downtimeSum = 0.0
-    var downtimeCount = 0
     var domains: [String: [String: String]] = [:]
     let started = Date()
-    public static let downtimeBounds: [Double] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
 
     /// Counts the host's stale hypervisor processes (QEMU domains on a binary no longer
     /// installed) for the metrics; set by `baton serve`, nil where it cannot tell.
@@ -29,11 +24,16 @@ public final class BatonService: @unchecked Sendable {
     /// where an upgrade policy hooks in. Never called with the lock held.
     let onHookEvent: @Sendable (String, String) -> Void
 
+    /// The metrics backend's text (Prometheus exposition format), for `{"op":"metrics"}`.
+    let metricsText: @Sendable () -> String
+
     public init(stateDirectory: String, staleDomainCount: @escaping @Sendable () -> Int? = { nil },
-                onHookEvent: @escaping @Sendable (String, String) -> Void = { _, _ in }) {
+                onHookEvent: @escaping @Sendable (String, String) -> Void = { _, _ in },
+                metricsText: @escaping @Sendable () -> String = { "" }) {
         self.stateDirectory = stateDirectory
         self.staleDomainCount = staleDomainCount
         self.onHookEvent = onHookEvent
+        self.metricsText = metricsText
     }
 
     /// Marks an upgrade that runs outside `upgrade` (a QEMU batch started by the policy) as in
@@ -42,24 +42,22 @@ public final class BatonService: @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         guard inFlight[key] == nil else { refused += 1; return false }
         inFlight[key] = Date()
+        BatonMetrics.inFlight(inFlight.count)
         return true
     }
 
-    public func end(_ key: String) { lock.lock(); inFlight[key] = nil; lock.unlock() }
+    public func end(_ key: String) { lock.lock(); inFlight[key] = nil; BatonMetrics.inFlight(inFlight.count); lock.unlock() }
 
-    /// Counts one finished QEMU handoff in the metrics.
-    public func count(mode: String, upgraded: Bool, rolledBack: Bool, pauseMs: Double, bytes: UInt64) {
+    /// Counts one finished QEMU handoff (status counts and metrics).
+    public func count(mode: String, outcome: BatonMetrics.Outcome, pauseMs: Double, phasesMs: [(String, Double)], bytes: Int64) {
+        BatonMetrics.started(hypervisor: "qemu")
+        BatonMetrics.ended(hypervisor: "qemu", outcome: outcome, mode: mode, downtimeMs: pauseMs, phasesMs: phasesMs, bytes: bytes)
         lock.lock(); defer { lock.unlock() }
-        guard upgraded else {
-            failures += 1
-            if rolledBack { rollbacks += 1 }
-            return
+        switch outcome {
+        case .succeeded: completed += 1
+        case .rolledBack: failures += 1; rollbacks += 1
+        default: failures += 1
         }
-        handoffs["qemu-" + mode, default: 0] += 1
-        bytesMoved += bytes
-        downtimeSum += pauseMs
-        downtimeCount += 1
-        for b in Self.downtimeBounds where pauseMs <= b { downtimeBuckets[b, default: 0] += 1 }
     }
 
     /// Handles one request line and returns the reply line.
@@ -107,11 +105,14 @@ public final class BatonService: @unchecked Sendable {
         if let since = inFlight[vm] {
             refused += 1
             lock.unlock()
+            BatonMetrics.ended(hypervisor: "batonvmm", outcome: .refused, mode: request["transport"] as? String ?? "auto", downtimeMs: nil)
             return ["ok": false, "refused": "an upgrade of \(vm) is already running (since \(ISO8601DateFormatter().string(from: since))); one at a time per VM"]
         }
         inFlight[vm] = Date()
+        BatonMetrics.inFlight(inFlight.count)
         lock.unlock()
-        defer { lock.lock(); inFlight[vm] = nil; lock.unlock() }
+        defer { lock.lock(); inFlight[vm] = nil; BatonMetrics.inFlight(inFlight.count); lock.unlock() }
+        BatonMetrics.started(hypervisor: "batonvmm")
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
         options.transport = request["transport"] as? String ?? "auto"
         options.releaseSource = request["release_source"] as? Bool ?? false
@@ -119,21 +120,20 @@ public final class BatonService: @unchecked Sendable {
         options.journalPath = stateDirectory + "/journal-\(abs(vm.hashValue))-\(Int(Date().timeIntervalSince1970 * 1000)).jsonl"
         do {
             let report = try UpgradeController(options: options).run()
-            lock.lock()
-            handoffs[report.transport, default: 0] += 1
-            bytesMoved += report.ramBytes
-            downtimeSum += report.downtimeMs
-            downtimeCount += 1
-            for b in Self.downtimeBounds where report.downtimeMs <= b { downtimeBuckets[b, default: 0] += 1 }
-            lock.unlock()
+            BatonMetrics.ended(hypervisor: "batonvmm", outcome: .succeeded, mode: report.transport, downtimeMs: report.downtimeMs,
+                               phasesMs: [("pause", report.pauseMs), ("state", report.stateMs), ("ram", report.ramMs), ("verify", report.verifyMs), ("resume", report.resumeMs)],
+                               bytes: Int64(report.ramBytes))
+            lock.lock(); completed += 1; lock.unlock()
             return ["ok": true, "line": report.line, "report": encode(report)]
         } catch let failure as UpgradeFailure {
+            BatonMetrics.ended(hypervisor: "batonvmm", outcome: failure.report.rolledBack ? .rolledBack : .failed, mode: failure.report.transport, downtimeMs: nil)
             lock.lock()
             failures += 1
             if failure.report.rolledBack { rollbacks += 1 }
             lock.unlock()
             return ["ok": false, "error": failure.description, "report": encode(failure.report)]
         } catch {
+            BatonMetrics.ended(hypervisor: "batonvmm", outcome: .failed, mode: options.transport, downtimeMs: nil)
             lock.lock(); failures += 1; lock.unlock()
             return ["ok": false, "error": "\(error)"]
         }
@@ -146,30 +146,15 @@ public final class BatonService: @unchecked Sendable {
     public func status() -> [String: Any] {
         lock.lock(); defer { lock.unlock() }
         return ["ok": true, "pid": Int(getpid()), "uptimeSeconds": Int(Date().timeIntervalSince(started)),
-                "inFlight": inFlight.keys.sorted(), "completed": handoffs.values.reduce(0, +), "failed": failures,
+                "inFlight": inFlight.keys.sorted(), "completed": completed, "failed": failures,
                 "rolledBack": rollbacks, "refused": refused, "domains": domains]
     }
 
     /// Prometheus text exposition (format 0.0.4).
+    /// Prometheus text from the metrics backend, with the stale-domain gauge refreshed first.
     public func metrics() -> String {
-        let stale = staleDomainCount()  // scans libvirt: outside the lock
-        lock.lock(); defer { lock.unlock() }
-        var out = ""
-        if let stale {
-            out += "# HELP baton_stale_domains Running domains whose hypervisor binary is no longer the one installed.\n# TYPE baton_stale_domains gauge\nbaton_stale_domains \(stale)\n"
-        }
-        out += "# HELP baton_handoffs_total Completed in-place upgrades.\n# TYPE baton_handoffs_total counter\n"
-        for (t, n) in handoffs.sorted(by: { $0.key < $1.key }) { out += "baton_handoffs_total{transport=\"\(t)\"} \(n)\n" }
-        if handoffs.isEmpty { out += "baton_handoffs_total 0\n" }
-        out += "# HELP baton_handoff_failures_total Upgrades that did not complete.\n# TYPE baton_handoff_failures_total counter\nbaton_handoff_failures_total \(failures)\n"
-        out += "# HELP baton_rollbacks_total Upgrades rolled back (the old instance kept the guest).\n# TYPE baton_rollbacks_total counter\nbaton_rollbacks_total \(rollbacks)\n"
-        out += "# HELP baton_refused_total Upgrade requests refused because one was running for the same VM.\n# TYPE baton_refused_total counter\nbaton_refused_total \(refused)\n"
-        out += "# HELP baton_bytes_moved_total Guest RAM handed over.\n# TYPE baton_bytes_moved_total counter\nbaton_bytes_moved_total \(bytesMoved)\n"
-        out += "# HELP baton_downtime_milliseconds Pause to guest running in the new instance.\n# TYPE baton_downtime_milliseconds histogram\n"
-        for b in Self.downtimeBounds { out += "baton_downtime_milliseconds_bucket{le=\"\(b)\"} \(downtimeBuckets[b] ?? 0)\n" }
-        out += "baton_downtime_milliseconds_bucket{le=\"+Inf\"} \(downtimeCount)\nbaton_downtime_milliseconds_sum \(downtimeSum)\nbaton_downtime_milliseconds_count \(downtimeCount)\n"
-        out += "# HELP baton_upgrades_in_flight Upgrades running now.\n# TYPE baton_upgrades_in_flight gauge\nbaton_upgrades_in_flight \(inFlight.count)\n"
-        return out
+        if let stale = staleDomainCount() { BatonMetrics.staleDomains(stale) }  // scans libvirt: outside the lock
+        return metricsText()
     }
 
     public var busy: Bool { lock.lock(); defer { lock.unlock() }; return !inFlight.isEmpty }

@@ -1,5 +1,6 @@
 import BatonController
 import BatonLibvirt
+import BatonSystem
 import BatonTestSupport
 import Foundation
 import Glibc
@@ -80,6 +81,44 @@ struct HookTests {
 
 @Suite("baton serve")
 struct ServiceTests {
+    static let promtool = ProcessInfo.processInfo.environment["BATON_PROMTOOL"] ?? "/opt/baton/bin/promtool"
+
+    @Test("metrics over HTTP: Prometheus text that promtool accepts, counters that move; other paths 404; a bad address is refused")
+    func metricsEndpoint() throws {
+        let dir = try BatonProcess.makeRunDirectory("serve-metrics")
+        let socket = dir + "/serve.sock"
+        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state", "--metrics-listen", "127.0.0.1:0"])
+        defer { serve.kill(SIGTERM); _ = serve.finish() }
+        #expect(BatonProcess.waitForPath(dir + "/state/metrics.address"))
+        let address = try String(contentsOfFile: dir + "/state/metrics.address", encoding: .utf8)
+        func get(_ path: String) throws -> (status: Int32, body: String) {
+            let r = try Spawn.run("/usr/bin/curl", ["-s", "-o", "-", "-w", "\n%{http_code}", "http://\(address)\(path)"])
+            let lines = r.output.split(separator: "\n", omittingEmptySubsequences: false)
+            return (Int32(lines.last ?? "") ?? 0, lines.dropLast().joined(separator: "\n"))
+        }
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/curl") else { try Test.cancel("curl is not installed") }
+        let before = try get("/metrics")
+        #expect(before.status == 200)
+        #expect(before.body.contains("baton_upgrades_started_total{hypervisor=\"batonvmm\"} 0"), "\(before.body)")
+        #expect(try get("/other").status == 404)
+        // One upgrade request that fails (no such VM) moves the counters.
+        let bad = try BatonProcess(["upgrade", "--service", socket, "--vm", dir + "/nope.sock", "--binary", "/bin/false"]).finish()
+        #expect(bad.status != 0)
+        let after = try get("/metrics").body
+        #expect(after.contains("baton_upgrades_started_total{hypervisor=\"batonvmm\"} 1"), "\(after)")
+        #expect(after.contains("baton_upgrades_total{hypervisor=\"batonvmm\",outcome=\"failed\",mode=\"auto\"} 1"), "\(after)")
+        if FileManager.default.isExecutableFile(atPath: Self.promtool) {
+            let file = dir + "/metrics.txt"
+            try after.write(toFile: file, atomically: true, encoding: .utf8)
+            let lint = try Spawn.run("/bin/sh", ["-c", "\(Self.promtool) check metrics < \(file)"])
+            #expect(lint.status == 0, "promtool check metrics: \(lint.output)")
+        } else {
+            Issue.record("promtool is missing at \(Self.promtool) (Scripts/install-promtool.sh): the exposition format was not linted")
+        }
+        let refused = try BatonProcess(["serve", "--socket", dir + "/b.sock", "--state", dir + "/b", "--metrics-listen", "127.0.0.1:99999"]).finish()
+        #expect(refused.status == 64 && refused.stderr.contains("--metrics-listen"), "\(refused.stderr)")
+    }
+
     @Test("serve answers status and metrics, takes hook events, refuses bad requests, and stops cleanly on SIGTERM")
     func lifecycle() throws {
         let dir = try BatonProcess.makeRunDirectory("serve")
@@ -96,8 +135,8 @@ struct ServiceTests {
         let after = try BatonProcess(["status", "--socket", socket, "--json"]).finish()
         #expect(after.stdout.contains("web2"), "the hook event reached the service: \(after.stdout)")
         let metrics = try BatonProcess(["status", "--socket", socket, "--metrics"]).finish()
-        #expect(metrics.stdout.contains("# TYPE baton_downtime_milliseconds histogram"))
-        #expect(metrics.stdout.contains("baton_handoff_failures_total 0"))
+        #expect(metrics.stdout.contains("# TYPE baton_upgrades_started_total counter"), "\(metrics.stdout)")
+        #expect(metrics.stdout.contains("baton_upgrades_in_flight 0"), "\(metrics.stdout)")
         let bad = try BatonProcess(["upgrade", "--service", socket, "--vm", dir + "/nope.sock", "--binary", "/bin/false"]).finish()
         #expect(bad.status != 0)
         #expect(bad.stderr.contains("cannot reach the VM"), "\(bad.stderr)")

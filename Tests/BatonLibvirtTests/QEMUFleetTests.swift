@@ -166,7 +166,8 @@ struct QEMUFleetTests {
             #expect(ms < 100, "hook run took \(ms) ms: \(line)")
         }
         let metrics = try U.baton(["status", "--config", config, "--metrics"])
-        #expect(metrics.out.contains("baton_handoffs_total{transport=\"qemu-ignore-shared\"} 1"), "\(metrics.out)")
+        #expect(metrics.out.contains("baton_upgrades_total{hypervisor=\"qemu\",outcome=\"succeeded\",mode=\"ignore-shared\"} 1"), "\(metrics.out)")
+        #expect(metrics.out.contains("baton_downtime_seconds_count{hypervisor=\"qemu\"} 1"), "\(metrics.out)")
         kill(serve, SIGTERM)
         #expect(Spawn.wait(serve) == 0, "serve did not stop cleanly: \(Host.readSmallFile(state + "/serve.log") ?? "")")
     }
