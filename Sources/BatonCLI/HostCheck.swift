@@ -1,6 +1,7 @@
 // BatonCLI implements the `baton` commands; the executable only calls `BatonCommand.main()`.
 import BatonAgent
 import BatonCore
+import BatonQEMU
 import BatonSystem
 import BatonTransfer
 import Foundation
@@ -33,6 +34,11 @@ public struct CheckReport: Codable, Sendable {
     public var giftProbeGiBps = 0.0
     public var processVmReadvProbeGiBps = 0.0
     public var autoStreamTransport = "gift"
+    /// QEMU binaries found, with versions, and the upgrade modes of each ordered pair.
+    public var qemuBinaries: [QEMUInstallation] = []
+    public var qemuPairs: [QEMUInstallation.Pair] = []
+    /// `libvirtd --version`, if installed.
+    public var libvirtdVersion: String?
     public var items: [CheckItem] = []
 }
 
@@ -45,6 +51,7 @@ public enum HostCheck {
         probeProcessVmReadv(&r)
         probeKVM(&r)
         probeLibvirt(&r)
+        probeQEMU(&r)
         let thp = Host.readSmallFile("/sys/kernel/mm/transparent_hugepage/enabled") ?? ""
         r.transparentHugePages = thp.split(separator: "[").dropFirst().first.map { String($0.prefix { $0 != "]" }) } ?? "unavailable"
         r.items.append(CheckItem(name: "transparent huge pages", ok: r.transparentHugePages != "never" && r.transparentHugePages != "unavailable",
@@ -146,6 +153,25 @@ public enum HostCheck {
         let pvm = FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm")
         r.items.append(CheckItem(name: "kvm", ok: r.kvm, detail: "API version \(api), KVM_CREATE_VM \(vm >= 0 ? "ok" : "failed")\(pvm ? "; paravirtual KVM (PVM): guests run 64-bit CPL 3" : "")",
                                  fix: r.kvm ? nil : "needs a usable /dev/kvm"))
+    }
+
+    /// QEMU binaries and what Baton can do between them; libvirtd's version.
+    static func probeQEMU(_ r: inout CheckReport) {
+        r.qemuBinaries = QEMUInstallation.find()
+        for a in r.qemuBinaries { for b in r.qemuBinaries where a != b { r.qemuPairs.append(QEMUInstallation.pair(a, b)) } }
+        for q in r.qemuBinaries { r.items.append(CheckItem(name: "qemu", ok: true, detail: "\(q.path): QEMU \(q.version)", fix: nil)) }
+        if r.qemuBinaries.isEmpty {
+            r.items.append(CheckItem(name: "qemu", ok: false, detail: "no qemu-system-x86_64 found", fix: "apt-get install qemu-system-x86; Scripts/install-qemu.sh for QEMU 10.0 beside it"))
+        }
+        for p in r.qemuPairs {
+            let from = r.qemuBinaries.first { $0.path == p.from }?.version ?? "?", to = r.qemuBinaries.first { $0.path == p.to }?.version ?? "?"
+            r.items.append(CheckItem(name: "qemu upgrade \(from) → \(to)", ok: true, detail: "\(p.modes.joined(separator: ", "))\(p.note.map { " (\($0))" } ?? "")", fix: nil))
+        }
+        if let out = try? Spawn.run("/usr/sbin/libvirtd", ["--version"]), out.status == 0,
+           let m = out.output.firstMatch(of: #/(\d+\.\d+\.\d+)/#) {
+            r.libvirtdVersion = String(m.1)
+            r.items.append(CheckItem(name: "libvirtd", ok: true, detail: "libvirtd \(m.1)", fix: nil))
+        }
     }
 
     static func probeLibvirt(_ r: inout CheckReport) {

@@ -82,3 +82,52 @@ public enum QEMUInventory {
         return a == b
     }
 }
+
+/// The QEMU binaries on this host (the system's, Baton's unpacked ones, those running domains
+/// run), their versions, and the upgrade modes each ordered pair supports: what `baton check`
+/// reports.
+public struct QEMUInstallation: Codable, Sendable, Equatable {
+    public var path: String
+    public var version: String
+
+    public struct Pair: Codable, Sendable, Equatable {
+        public var from: String
+        public var to: String
+        /// "cpr-transfer" (both ≥ 10.0; the domain must already run with aux-ram-share=on, as
+        /// after one Baton upgrade), "ignore-shared" (any pair; machine type and devices are
+        /// checked per domain at preflight), "copy" (private RAM, with --allow-copy).
+        public var modes: [String]
+        public var note: String?
+    }
+
+    public static let searchPaths = ["/usr/bin/qemu-system-x86_64", "/usr/local/bin/qemu-system-x86_64"]
+
+    /// Every distinct binary found: the search paths, `/opt/baton/*/usr/bin`, and running QEMUs.
+    public static func find() -> [QEMUInstallation] {
+        var paths = searchPaths
+        for dir in ((try? FileManager.default.contentsOfDirectory(atPath: "/opt/baton")) ?? []).sorted() {
+            paths.append("/opt/baton/\(dir)/usr/bin/qemu-system-x86_64")
+        }
+        for pid in ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).compactMap({ pid_t($0) }) {
+            if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe"), exe.hasSuffix("/qemu-system-x86_64"), !exe.hasSuffix(" (deleted)") {
+                paths.append(exe)
+            }
+        }
+        var seen = Set<String>(), out: [QEMUInstallation] = []
+        for p in paths where FileManager.default.isExecutableFile(atPath: p) {
+            guard let id = QEMUInventory.fileIdentity(p), seen.insert(id).inserted,
+                  let r = try? Spawn.run(p, ["--version"]), r.status == 0, let m = r.output.firstMatch(of: #/version (\d+\.\d+\.\d+)/#) else { continue }
+            out.append(QEMUInstallation(path: p, version: String(m.1)))
+        }
+        return out
+    }
+
+    /// The modes from `a` to `b` (pure).
+    public static func pair(_ a: QEMUInstallation, _ b: QEMUInstallation) -> Pair {
+        let va = a.version.split(separator: ".").compactMap { Int($0) }, vb = b.version.split(separator: ".").compactMap { Int($0) }
+        var modes = (va.first ?? 0) >= 10 && (vb.first ?? 0) >= 10 ? ["cpr-transfer"] : []
+        modes += ["ignore-shared", "copy"]
+        let note = vb.lexicographicallyPrecedes(va) ? "a downgrade: only for machine types and devices both have" : nil
+        return Pair(from: a.path, to: b.path, modes: modes, note: note)
+    }
+}
