@@ -58,6 +58,7 @@ struct ServeCommand: ParsableCommand {
         let service = BatonService(stateDirectory: state, staleDomainCount: { (try? QEMUInventory.scan(uri: uri))?.filter(\.stale).count },
                                    onHookEvent: { domain, operation in upgrader.value?.hookEvent(domain: domain, operation: operation) },
                                    metricsText: { MetricsExport.text() })
+        service.qemuUpgrade = { request in ServeCommand.upgradeQEMU(request, file: file, service: service, log: log) }
         var metricsAddress: String?
         if let address = metricsListen ?? file.metricsListen {
             do { metricsAddress = try MetricsExport.serve(on: address, text: { service.metrics() }).1 } catch {
@@ -66,6 +67,7 @@ struct ServeCommand: ParsableCommand {
         }
         if policy != .manual {
             var template = QEMUUpgradeOptions(domain: "", newEmulator: "")
+            template.holdSignals = false  // SIGTERM is blocked here and taken by sigwait: never ignore it
             template.uri = uri
             template.runDirectory = file.runDirectory
             template.timeoutSeconds = file.timeoutSeconds
@@ -138,6 +140,45 @@ struct ServeCommand: ParsableCommand {
             throw ExitCode(BatonExit.failure.rawValue)
         }
         log.info("stopped")
+    }
+
+    /// One `upgrade-qemu` request: the options from the request, the rest from the configuration.
+    static func upgradeQEMU(_ request: [String: Any], file: BatonConfiguration, service: BatonService, log: Logger) -> [String: Any] {
+        guard let domain = request["domain"] as? String, let binary = request["binary"] as? String else {
+            return ["ok": false, "error": "upgrade-qemu needs \"domain\" and \"binary\""]
+        }
+        var options = QEMUUpgradeOptions(domain: domain, newEmulator: binary)
+        options.holdSignals = false  // SIGTERM is blocked here and taken by sigwait: never ignore it
+        options.uri = request["uri"] as? String ?? file.libvirtURI
+        options.runDirectory = file.runDirectory
+        options.journalPath = request["journal"] as? String
+        options.updateDefinition = request["update_definition"] as? Bool ?? file.updateDefinition
+        options.allowCopy = request["allow_copy"] as? Bool ?? false
+        if let t = request["timeout"] as? Double, t > 0, t <= 3600 { options.timeoutSeconds = t } else { options.timeoutSeconds = file.timeoutSeconds }
+        if let m = request["max_pause_ms"] as? Double, m > 0, m.isFinite { options.maxPauseMs = m } else { options.maxPauseMs = file.maxPauseMs }
+        let upgrade = QEMUUpgrade(options: options)
+        func encoded(_ r: QEMUUpgradeReport) -> Any { (try? JSONSerialization.jsonObject(with: JSONEncoder().encode(r))) ?? [:] }
+        let phases: (QEMUUpgradeReport) -> [(String, Double)] = { [("migration", $0.breakdown.migrationMs), ("verify", $0.breakdown.verifyMs), ("resume", $0.breakdown.resumeMs)] }
+        do {
+            let r = try upgrade.run()
+            service.count(mode: r.mode, outcome: .succeeded, pauseMs: r.pauseMs, phasesMs: phases(r), bytes: r.ramBytesMoved)
+            log.info("upgrade", metadata: ["domain": "\(domain)", "outcome": "upgraded", "mode": "\(r.mode)", "oldPid": "\(r.oldPid)", "newPid": "\(r.newPid)",
+                                           "pauseMs": "\(String(format: "%.2f", r.pauseMs))"])
+            return ["ok": true, "line": r.line, "report": encoded(r)]
+        } catch let e as QEMUUpgradeError {
+            let outcome: BatonMetrics.Outcome = switch e {
+            case .refused, .unsupported: .refused
+            case .rolledBack, .integrity: .rolledBack
+            case .rollForwardIncomplete: .rolledForward
+            }
+            let r = upgrade.report
+            service.count(mode: r.mode.isEmpty ? "none" : r.mode, outcome: outcome, pauseMs: r.pauseMs, phasesMs: [], bytes: 0)
+            log.info("upgrade", metadata: ["domain": "\(domain)", "outcome": "\(outcome.rawValue)", "mode": "\(r.mode)", "oldPid": "\(r.oldPid)", "newPid": "\(r.newPid)",
+                                           "reason": "\(e)"])
+            return ["ok": false, "error": "\(e)", "errorKind": e.kind, "report": encoded(r)]
+        } catch {
+            return ["ok": false, "error": "\(error)"]
+        }
     }
 
     static func serve(_ client: UnixSocket, _ service: BatonService) {

@@ -214,7 +214,7 @@ extension UpgradeCommand {
     }
 
     func upgradeQEMU(domain: String) throws {
-        guard service == nil else { throw fail("--service is not supported for QEMU domains yet; run the upgrade here", .usage) }
+        if let service { return try upgradeQEMUThroughService(service, domain: domain) }
         let upgrade = QEMUUpgrade(options: try qemuOptions(domain: domain, newEmulator: try newEmulator(for: domain)))
         do {
             let report = try upgrade.run()
@@ -230,6 +230,27 @@ extension UpgradeCommand {
 }
 
 extension UpgradeCommand {
+    /// `--service SOCKET --domain NAME` for a QEMU domain: `baton serve` runs it (one per domain
+    /// at a time); the typed error kind it sends back picks the exit code.
+    func upgradeQEMUThroughService(_ service: String, domain: String) throws {
+        var request: [String: Any] = ["op": "upgrade-qemu", "domain": domain, "uri": connect, "binary": try newEmulator(for: domain),
+                                      "update_definition": updateDefinition, "allow_copy": allowCopy, "timeout": timeout]
+        if let maxPauseMs { request["max_pause_ms"] = maxPauseMs }
+        if let journal { request["journal"] = journal }
+        let reply = try ServiceClient.request(service, request)
+        if json, let report = reply["report"] {
+            print(String(decoding: try JSONSerialization.data(withJSONObject: report, options: [.sortedKeys]), as: UTF8.self))
+        } else if let line = reply["line"] as? String {
+            print(line)
+        }
+        if let refused = reply["refused"] as? String { throw fail("refused: \(refused)", .peerRefused) }
+        guard reply["ok"] as? Bool == true else {
+            let message = reply["error"] as? String ?? "upgrade failed"
+            let kind = (reply["errorKind"] as? String).flatMap { QEMUUpgradeError(kind: $0, message: message) }
+            throw fail(message, kind.map(BatonExit.forQEMU) ?? .failure)
+        }
+    }
+
     /// `--all` or several `--domain`s: one batch, one libvirtd restart, `--parallel` handoffs at
     /// a time. One line (or JSON object) per domain, then the batch's summary.
     func upgradeQEMUBatch() throws {

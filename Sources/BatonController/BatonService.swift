@@ -27,6 +27,10 @@ public final class BatonService: @unchecked Sendable {
     /// The metrics backend's text (Prometheus exposition format), for `{"op":"metrics"}`.
     let metricsText: @Sendable () -> String
 
+    /// Runs one QEMU upgrade request to the end (set by `baton serve`; this module does not
+    /// know QEMU). Called with the domain marked in flight.
+    public var qemuUpgrade: (@Sendable ([String: Any]) -> [String: Any])?
+
     public init(stateDirectory: String, staleDomainCount: @escaping @Sendable () -> Int? = { nil },
                 onHookEvent: @escaping @Sendable (String, String) -> Void = { _, _ in },
                 metricsText: @escaping @Sendable () -> String = { "" }) {
@@ -71,7 +75,8 @@ public final class BatonService: @unchecked Sendable {
         case "metrics": return reply(["ok": true, "metrics": metrics()])
         case "hook": return reply(recordHook(request))
         case "upgrade": return reply(upgrade(request))
-        default: return reply(["ok": false, "error": "unknown op '\(op)' (status, metrics, hook, upgrade)"])
+        case "upgrade-qemu": return reply(upgradeQEMU(request))
+        default: return reply(["ok": false, "error": "unknown op '\(op)' (status, metrics, hook, upgrade, upgrade-qemu)"])
         }
     }
 
@@ -137,6 +142,17 @@ public final class BatonService: @unchecked Sendable {
             lock.lock(); failures += 1; lock.unlock()
             return ["ok": false, "error": "\(error)"]
         }
+    }
+
+    /// A QEMU domain's upgrade, one per domain at a time (refused at once otherwise).
+    func upgradeQEMU(_ request: [String: Any]) -> [String: Any] {
+        guard let domain = request["domain"] as? String, !domain.isEmpty, let handler = qemuUpgrade else {
+            return ["ok": false, "error": qemuUpgrade == nil ? "this service runs no QEMU upgrades" : "upgrade-qemu needs \"domain\""]
+        }
+        let key = "qemu:" + domain
+        guard begin(key) else { return ["ok": false, "refused": "an upgrade of \(domain) is already running; one at a time per domain"] }
+        defer { end(key) }
+        return handler(request)
     }
 
     func encode(_ report: UpgradeReport) -> Any {

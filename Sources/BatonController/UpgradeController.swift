@@ -73,6 +73,9 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
         case killNew = "kill-new-after", killOld = "kill-old-after", crash = "crash-controller-after"
         /// QEMU upgrades: SIGKILL the host's libvirtd.
         case killLibvirtd = "kill-libvirtd-after"
+        /// SIGKILL this process (the controller) itself: nothing after the phase runs, not even
+        /// the error path that `crash-controller-after` still takes.
+        case sigkillController = "sigkill-controller-after"
     }
     public let action: Action
     public let phase: UpgradeJournal.Phase
@@ -98,6 +101,7 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
         case .killNew: if newPid > 0 { kill(newPid, SIGKILL) }
         case .killOld: if oldPid > 0 { kill(oldPid, SIGKILL) }
         case .killLibvirtd: if libvirtdPid > 0 { kill(libvirtdPid, SIGKILL) }
+        case .sigkillController: kill(getpid(), SIGKILL); pause()
         case .crash: throw ControllerCrashed(phase: phase, journalPath: journalPath)
         }
     }

@@ -46,9 +46,11 @@ public struct QEMUHarnessFault: Sendable, CustomStringConvertible {
             QEMUHarnessFault(name: "none", expected: .committed),
             QEMUHarnessFault(name: "cpr:none", cpr: true, expected: .committed),
         ]
-        // A controller that dies: `baton recover` rolls back before `committing`, forward after.
-        for p: UpgradeJournal.Phase in [.started, .prepared, .newInstanceReady, .paused, .transferred] { f.append(.controller(.crash, p, .rolledBack)) }
-        for p: UpgradeJournal.Phase in [.committing, .committed, .adopted] { f.append(.controller(.crash, p, .committed)) }
+        // A controller SIGKILLed right after it journaled each phase: `baton recover` rolls back
+        // before `committing`, forward after.
+        for p: UpgradeJournal.Phase in [.started, .prepared, .newInstanceReady, .paused, .transferred] { f.append(.controller(.sigkillController, p, .rolledBack)) }
+        for p: UpgradeJournal.Phase in [.committing, .committed, .adopted] { f.append(.controller(.sigkillController, p, .committed)) }
+        f.append(.controller(.crash, .transferred, .rolledBack))
         // The new QEMU dies: back while the old one can take the guest; after the new one ran
         // it, the guest is gone with it (the old QEMU's state is stale and is never resumed).
         for p: UpgradeJournal.Phase in [.newInstanceReady, .paused, .transferred, .committing] { f.append(.controller(.killNew, p, .rolledBack)) }
@@ -255,6 +257,9 @@ public struct QEMUHarness {
             result.verified = result.outcome != .lost && continued && managed && onBinary
             result.expectedLoss = fault.lossExpected && result.outcome == .lost
             switch fault.controller?.action {
+            case .sigkillController?:
+                // Killed by SIGKILL (status 128 + 9), with the fault's phase the last thing journaled.
+                result.faultFired = upgrade.status == 128 + SIGKILL && entries.last?.phase == fault.controller?.phase
             case let action? where action != .crash:
                 // The journal names the process the fault killed; it must be gone.
                 let fired = entries.compactMap(\.note).first { $0.hasPrefix("injected \(fault.controller!)") }

@@ -70,9 +70,8 @@ public final class QEMUBatchUpgrade {
     public func run(progress: @escaping @Sendable (QEMUBatchOutcome, Int, Int) -> Void = { _, _, _ in }) throws -> QEMUBatchSummary {
         let began = Host.monotonicNanoseconds()
         signal(SIGPIPE, SIG_IGN)
-        let deferred = [SIGINT, SIGHUP, SIGTERM]
-        let previous = deferred.map { signal($0, SIG_IGN) }
-        defer { for (sig, handler) in zip(deferred, previous) { signal(sig, handler) } }
+        let held = QEMUHost.holdSignals(template.holdSignals)
+        defer { QEMUHost.release(held) }
         try QEMUHost.makePrivateDirectory(template.runDirectory)
         let lock = try QEMUHost.hostLock(in: template.runDirectory)
         defer { close(lock) }

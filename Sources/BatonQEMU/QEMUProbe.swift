@@ -74,6 +74,18 @@ enum QEMUHost {
         return fd
     }
 
+    /// While libvirtd is down and two QEMUs share the guest, a terminal's signals must not stop
+    /// the sequence half-way: SIGINT/SIGHUP/SIGTERM are ignored until it ends (SIGKILL still
+    /// stops it; `baton recover` finishes the journal). Returns what to restore.
+    static func holdSignals(_ hold: Bool) -> [(Int32, sighandler_t?)] {
+        guard hold else { return [] }
+        return [SIGINT, SIGHUP, SIGTERM].map { ($0, signal($0, SIG_IGN)) }
+    }
+
+    static func release(_ held: [(Int32, sighandler_t?)]) {
+        for (sig, handler) in held { signal(sig, handler) }
+    }
+
     /// The last line QEMU wrote to the domain's log (through virtlogd), for error messages.
     static func logTail(domain: String) -> String {
         let text = (try? String(contentsOfFile: "/var/log/libvirt/qemu/\(domain).log", encoding: .utf8)) ?? ""

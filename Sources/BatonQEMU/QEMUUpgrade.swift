@@ -68,6 +68,10 @@ public struct QEMUUpgradeOptions: Sendable {
     /// Cancel the handoff (the domain stays on the old QEMU) if the guest has been paused this
     /// long when the new QEMU is ready to run it. nil: no limit.
     public var maxPauseMs: Double?
+    /// Ignore SIGINT/SIGHUP/SIGTERM for the length of the sequence (a terminal's ^C must not stop
+    /// it half-way). A service that blocks them and takes them with sigwait sets this false: an
+    /// ignored signal is discarded, and its SIGTERM would be lost.
+    public var holdSignals = true
     /// A controller fault point (tests and the harness): kill-new-after / kill-old-after /
     /// crash-controller-after a journaled phase.
     public var fault: ControllerFault?
@@ -226,7 +230,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
                                  newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: record.json), durable: durable)
         if let fault = options.fault {
             let libvirtd = record.libvirtd.pid ?? 0
-            if fault.phase == phase, fault.action != .crash {
+            if fault.phase == phase, fault.action != .crash, fault.action != .sigkillController {
                 // Evidence for the harness that the fault really fired, and on which process.
                 let target = fault.action == .killNew ? report.newPid : fault.action == .killOld ? report.oldPid : libvirtd
                 try? journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
@@ -242,9 +246,8 @@ public final class QEMUUpgrade: @unchecked Sendable {
         // with EPIPE), and so are SIGINT/SIGHUP/SIGTERM until the sequence has finished or
         // rolled back (SIGKILL still stops it; `baton recover` then finishes the journal).
         signal(SIGPIPE, SIG_IGN)
-        let deferred = [SIGINT, SIGHUP, SIGTERM]
-        let previous = deferred.map { signal($0, SIG_IGN) }
-        defer { for (sig, handler) in zip(deferred, previous) { signal(sig, handler) } }
+        let held = QEMUHost.holdSignals(options.holdSignals)
+        defer { QEMUHost.release(held) }
         try QEMUHost.makePrivateDirectory(options.runDirectory)
         // One QEMU upgrade per host at a time: each stops and starts the host's one libvirtd, and
         // a second one restarting it mid-handoff would hand libvirtd the old QEMU.

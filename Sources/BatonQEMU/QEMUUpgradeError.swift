@@ -13,6 +13,29 @@ public enum QEMUUpgradeError: Error, CustomStringConvertible, Sendable {
     /// message says what is left to do (`baton recover`).
     case rollForwardIncomplete(String)
 
+    /// The case's name, for carrying it across the service socket (the exit code comes from it).
+    public var kind: String {
+        switch self {
+        case .refused: "refused"
+        case .unsupported: "unsupported"
+        case .rolledBack: "rolledBack"
+        case .integrity: "integrity"
+        case .rollForwardIncomplete: "rollForwardIncomplete"
+        }
+    }
+
+    /// The error named by `kind` (what the service sent), carrying `message` as it was printed.
+    public init?(kind: String, message: String) {
+        switch kind {
+        case "refused": self = .refused(message)
+        case "unsupported": self = .unsupported(message)
+        case "rolledBack": self = .rolledBack(message)
+        case "integrity": self = .integrity(message)
+        case "rollForwardIncomplete": self = .rollForwardIncomplete(message)
+        default: return nil
+        }
+    }
+
     public var description: String {
         switch self {
         case .refused(let m): "refused: \(m); nothing was paused"

@@ -153,7 +153,13 @@ struct QEMUFleetTests {
             }
             usleep(250_000)
         }
-        let log = Host.readSmallFile(state + "/serve.log") ?? ""
+        // The service logs its line once the batch returns (after libvirt adopted the domain).
+        var log = ""
+        while Date() < deadline {
+            log = Host.readSmallFile(state + "/serve.log") ?? ""
+            if log.contains("outcome=") { break }
+            usleep(100_000)
+        }
         #expect(upgradedPid != nil, "the service did not upgrade \(name): \(log)")
         _ = try U.expectContinued(name, console: console, before: before, binary: emulator, pid: upgradedPid)
         try U.expectManaged(name, version: "\"major\":10")
@@ -170,6 +176,33 @@ struct QEMUFleetTests {
         #expect(metrics.out.contains("baton_downtime_seconds_count{hypervisor=\"qemu\"} 1"), "\(metrics.out)")
         kill(serve, SIGTERM)
         #expect(Spawn.wait(serve) == 0, "serve did not stop cleanly: \(Host.readSmallFile(state + "/serve.log") ?? "")")
+    }
+
+    @Test("baton upgrade --service: the service runs a QEMU domain's upgrade; its typed error picks the exit code")
+    func throughTheService() throws {
+        if let why = RealQEMU.unavailableReason { try Test.cancel("real QEMU upgrade unavailable: \(why)") }
+        let state = try RealLibvirt.bringUp("qemu-service")
+        let name = "baton-service-\(getpid())"
+        let (_, console) = try U.boot(name, memoryMiB: 256, fillMiB: 32, state: state)
+        defer { U.remove(name) }
+        var before = try console.ask("check", timeoutSeconds: 600)
+        let serve = try Spawn.detached(BatonProcess.executablePath, ["serve", "--socket", state + "/serve.sock", "--state", state + "/service"], logPath: state + "/serve.log")
+        defer { kill(serve, SIGKILL); _ = Spawn.wait(serve) }
+        #expect(BatonProcess.waitForPath(state + "/serve.sock"))
+        let oldPid = RealQEMU.processes(of: name).first
+        let limited = try U.upgrade(name, to: RealQEMU.newQEMU, extra: ["--service", state + "/serve.sock", "--max-pause-ms", "0.001"])
+        #expect(limited.status == 3, "rolled back in the service: exit 3 from the error's kind: \(limited.out)")
+        #expect(RealQEMU.processes(of: name).first == oldPid)
+        let r = try U.upgrade(name, to: RealQEMU.newQEMU, extra: ["--service", state + "/serve.sock"])
+        #expect(r.status == 0, "\(r.out)")
+        #expect(r.report["mode"] as? String == "ignore-shared" && r.report["verified"] as? Bool == true, "\(r.report)")
+        before = try U.expectContinued(name, console: console, before: before, binary: RealQEMU.newQEMU, pid: (r.report["newPid"] as? Int).map(Int32.init))
+        try U.expectManaged(name, version: "\"major\":10")
+        let metrics = try U.baton(["status", "--socket", state + "/serve.sock", "--metrics"])
+        #expect(metrics.out.contains("baton_upgrades_total{hypervisor=\"qemu\",outcome=\"rolled_back\",mode=\"ignore-shared\"} 1"), "\(metrics.out)")
+        #expect(metrics.out.contains("baton_upgrades_total{hypervisor=\"qemu\",outcome=\"succeeded\",mode=\"ignore-shared\"} 1"), "\(metrics.out)")
+        kill(serve, SIGTERM)
+        #expect(Spawn.wait(serve) == 0)
     }
 }
 }
