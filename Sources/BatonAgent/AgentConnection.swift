@@ -16,7 +16,8 @@ public enum AgentError: Error, CustomStringConvertible {
     case integrity(Mismatch)
     case noTransport(regionID: UInt32, wanted: String, reason: String)
     case abandoned(String)
-    case peerFailed(String, after: String)
+    /// The receiver sent `failure` (its `FailureCode` in `code`) before this side's own error.
+    case peerFailed(String, after: String, code: UInt16 = FailureCode.failed)
     case rollbackLost(chunks: [Int], cause: String)
 
     public var description: String {
@@ -28,12 +29,12 @@ public enum AgentError: Error, CustomStringConvertible {
         case .integrity(let m): "integrity check failed: \(m)"
         case let .noTransport(id, wanted, reason): "region \(id) cannot travel by \(wanted): \(reason)"
         case .abandoned(let reason): "handoff abandoned: \(reason)"
-        case let .peerFailed(reason, after): "new instance failed: \(reason) (here: \(after))"
+        case let .peerFailed(reason, after, _): "new instance failed: \(reason) (here: \(after))"
         case let .rollbackLost(chunks, cause): "LOST: rollback could not restore chunks \(chunks) after: \(cause)"
         }
     }
 
-    static func wrap(_ error: Error) -> AgentError {
+    public static func wrap(_ error: Error) -> AgentError {
         switch error {
         case let e as AgentError: e
         case let e as ProtocolError: .protocolViolation(e)

@@ -72,7 +72,8 @@ public final class NewInstanceAgent {
             stopLanes()
             let wrapped = AgentError.wrap(error)
             if case .abandoned = state {} else if !isPeerGone(error) {
-                try? connection.send(.failure(code: 1, message: "\(wrapped)"))
+                let code: UInt16 = if case .integrity = wrapped { FailureCode.integrity } else { FailureCode.failed }
+                try? connection.send(.failure(code: code, message: "\(wrapped)"))
             }
             // What an adoption after the old instance's death could use: everything, if it was
             // all received and verified (only the commit was missing); else only what was handed
@@ -157,7 +158,7 @@ public final class NewInstanceAgent {
             let chunk = plannedChunks[index]
             let mismatch = Mismatch(regionID: chunk.regionID, offset: chunk.offset,
                                     detail: "chunk \(index) checksum 0x\(String(got, radix: 16)) != sender's 0x\(String(want, radix: 16))")
-            try? connection.send(.failure(code: 4, message: "\(AgentError.integrity(mismatch))"))
+            try? connection.send(.failure(code: FailureCode.integrity, message: "\(AgentError.integrity(mismatch))"))
             throw AgentError.integrity(mismatch)
         }
     }

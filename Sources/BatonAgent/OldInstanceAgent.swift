@@ -66,7 +66,7 @@ public final class OldInstanceAgent {
             try? connection.send(.abandon(reason: "\(AgentError.wrap(error))"))
             let peerReason = peerFailureReason()
             let restored = try restoreReleasedPages(prepared.rollback)
-            let cause = peerReason.map { AgentError.peerFailed($0, after: "\(AgentError.wrap(error))") } ?? AgentError.wrap(error)
+            let cause = peerReason.map { AgentError.peerFailed($0.message, after: "\(AgentError.wrap(error))", code: $0.code) } ?? AgentError.wrap(error)
             if let restored, !restored.lostChunks.isEmpty {
                 throw AgentError.rollbackLost(chunks: restored.lostChunks, cause: "\(cause)")
             }
@@ -75,12 +75,12 @@ public final class OldInstanceAgent {
     }
 
     /// A `failure` the receiver already sent, read without waiting long.
-    private func peerFailureReason() -> String? {
+    private func peerFailureReason() -> (code: UInt16, message: String)? {
         guard (try? connection.socket.fd.wait(for: Int16(POLLIN), timeoutMilliseconds: 200)) == true else { return nil }
         do {
             _ = try connection.receive(whileIn: "failing")
-        } catch ProtocolError.peerFailed(_, let message) {
-            return message
+        } catch ProtocolError.peerFailed(let code, let message) {
+            return (code, message)
         } catch {}
         return nil
     }

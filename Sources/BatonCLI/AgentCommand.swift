@@ -29,6 +29,7 @@ struct AgentCommand: ParsableCommand {
 
         func run() throws {
             var outcome = ReceiverOutcome()
+            var failure: Error?
             let listener = try UnixListener(path: socket)
             defer { listener.remove() }
             do {
@@ -49,11 +50,12 @@ struct AgentCommand: ParsableCommand {
                 }
             } catch {
                 outcome.error = "\(error)"
+                failure = error
             }
             if outcome.peakRssBytes == 0 { outcome.peakRssBytes = Host.statusBytes("VmHWM") ?? 0 }
             printJSON(outcome)
-            if let error = outcome.error {
-                throw fail(error, BatonExit.forHandoffFailure(error))
+            if let failure {
+                throw fail("\(failure)", BatonExit.forHandoffFailure(failure))
             }
         }
     }

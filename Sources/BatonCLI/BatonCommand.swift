@@ -1,4 +1,5 @@
 import ArgumentParser
+import BatonAgent
 import BatonCore
 import Foundation
 
@@ -34,12 +35,14 @@ public enum BatonExit: Int32 {
 }
 
 extension BatonExit {
-    /// The exit code for a failed handoff, from what went wrong.
-    static func forHandoffFailure(_ error: Any) -> BatonExit {
-        let text = "\(error)"
-        if text.contains("integrity check failed") { return .integrity }
-        if text.contains("refused peer") || text.contains("protocol version") || text.contains("not a Baton message") { return .peerRefused }
-        return .handoffRolledBack
+    /// The exit code for a failed handoff, from the error's type (and a peer's failure code).
+    static func forHandoffFailure(_ error: Error) -> BatonExit {
+        let e = AgentError.wrap(error)
+        switch e {
+        case .integrity, .protocolViolation(.peerFailed(code: FailureCode.integrity, _)), .peerFailed(_, _, code: FailureCode.integrity): return .integrity
+        case .wrongPeer, .protocolViolation(.badMagic), .protocolViolation(.unsupportedVersion): return .peerRefused
+        default: return .handoffRolledBack
+        }
     }
 }
 

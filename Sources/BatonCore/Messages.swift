@@ -84,6 +84,7 @@ public enum Message: Equatable, Sendable {
     case commit
     case committed
     case abandon(reason: String)
+    /// `code` is a `FailureCode`.
     case failure(code: UInt16, message: String)
     /// Receiver → releasing sender: these chunks landed and match their checksums; the
     /// sender may now free its copy of them.
@@ -286,4 +287,13 @@ public enum Message: Equatable, Sendable {
 
 extension Message: CustomStringConvertible {
     public var description: String { "\(command)" }
+}
+
+/// The `code` of a `failure` message: what kind of failure the peer reports (its message says
+/// what and where). Exit codes and decisions come from this, never from the message's text.
+public enum FailureCode {
+    /// The handoff failed (transfer, protocol, system error); the message names it.
+    public static let failed: UInt16 = 1
+    /// A chunk checksum or region digest differed.
+    public static let integrity: UInt16 = 4
 }

@@ -111,6 +111,10 @@ public final class QEMUUpgrade: @unchecked Sendable {
     /// A batch (QEMUBatchUpgrade) stops libvirtd once for all its domains and starts it once
     /// after: this upgrade then neither stops nor starts it.
     var libvirtdHeldByBatch = false
+    /// `cont` returned: the new QEMU runs the guest.
+    var committed = false
+    /// The sequence ended forward (later steps do nothing).
+    var finished = false
 
     public init(options: QEMUUpgradeOptions) {
         self.options = options
@@ -264,16 +268,34 @@ public final class QEMUUpgrade: @unchecked Sendable {
         try log(.started)
     }
 
+    /// What follows preflight, in three steps: start the new QEMU (guest runs), the pause (migrate,
+    /// verify, `cont`), finish (fence, libvirt's record). A single upgrade runs them back to back;
+    /// a batch starts a wave of domains in parallel, then takes their pauses one at a time, so no
+    /// pause shares the CPUs with another domain's QEMU starting.
+    enum Step { case start, pause, finish }
+
     /// Everything after preflight: start, hand over, finish; or roll back / forward.
     func proceed() throws -> QEMUUpgradeReport {
-        var committed = false
+        for step in [Step.start, .pause, .finish] { try perform(step) }
+        return report
+    }
+
+    /// Runs one step (nothing once the sequence has finished, e.g. by an early roll forward); on a
+    /// failure rolls back or forward, as what is left allows, and throws what happened.
+    func perform(_ step: Step) throws {
+        guard !finished else { return }
         do {
-            try startNewQEMU()
-            try log(.newInstanceReady)
-            try handOver()
-            committed = true
-            try finishForward()
-            return report
+            switch step {
+            case .start:
+                try startNewQEMU()
+                try log(.newInstanceReady)
+            case .pause:
+                try handOver()
+                committed = true
+            case .finish:
+                try finishForward()
+                finished = true
+            }
         } catch let crash as ControllerCrashed {
             throw crash
         } catch {
@@ -297,7 +319,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
                 report.error = "\(error)"
                 if !committed {
                     _ = try? newMonitor?.execute("cont")
-                    do { try finishForward(); return report } catch {
+                    do { try finishForward(); finished = true; return } catch {
                         throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
                     }
                 }
