@@ -129,10 +129,10 @@ struct ServeCommand: ParsableCommand {
         var received: Int32 = 0
         sigwait(&signals, &received)
         log.notice("signal \(received): draining")
-        upgrader.value?.stop()
+        let deadline = Date().addingTimeInterval(drainSeconds)
         listener.remove()
         Glibc.shutdown(listener.fd.raw, Int32(SHUT_RDWR))
-        let deadline = Date().addingTimeInterval(drainSeconds)
+        upgrader.value?.stop(waitingUntil: deadline)  // a batch it runs finishes first
         while service.busy && Date() < deadline { usleep(50_000) }
         let clean = !service.busy
         if clean {

@@ -24,7 +24,7 @@ struct UpgradeCommand: ParsableCommand {
     @Option(name: .customLong("parallel"), help: "Batches: at most this many handoffs at a time (each its own pause). Default: [upgrade] parallel.")
     var parallelOption: Int?
 
-    @Option(name: .customLong("max-pause-ms"), help: "QEMU domains: cancel a handoff whose pause would exceed this many milliseconds (the domain stays on the old QEMU). Default: [upgrade] max_pause_ms.")
+    @Option(name: .customLong("max-pause-ms"), help: "QEMU domains: cancel a handoff whose pause would exceed this many milliseconds (the domain stays on the old QEMU); 0: no limit. Default: [upgrade] max_pause_ms.")
     var maxPauseOption: Double?
 
     @OptionGroup var config: ConfigFileOption
@@ -72,7 +72,7 @@ struct UpgradeCommand: ParsableCommand {
     var file: BatonConfiguration { CLIConfiguration.current }
     var connect: String { connectOption ?? file.libvirtURI }
     var parallel: Int { parallelOption ?? file.parallel }
-    var maxPauseMs: Double? { maxPauseOption ?? file.maxPauseMs }
+    var maxPauseMs: Double? { maxPauseOption.map { $0 == 0 ? nil : $0 } ?? file.maxPauseMs }
     var updateDefinition: Bool { updateDefinitionFlag ?? file.updateDefinition }
     var timeout: Double { timeoutOption ?? file.timeoutSeconds }
     var transport: String { transportOption ?? file.transport }
@@ -89,7 +89,8 @@ struct UpgradeCommand: ParsableCommand {
         }
         guard vm == nil || binary != nil else { throw ValidationError("--vm needs --binary (the new batonvmm)") }
         if let p = parallelOption, !(1...64).contains(p) { throw ValidationError("--parallel: \(p) is not between 1 and 64") }
-        if let m = maxPauseOption, !(m > 0 && m.isFinite) { throw ValidationError("--max-pause-ms: \(m) is not a positive number of milliseconds") }
+        if let m = maxPauseOption, !(m >= 0 && m.isFinite) { throw ValidationError("--max-pause-ms: \(m) is not a number of milliseconds (0: no limit)") }
+        if journal != nil, all || domains.count > 1 { throw ValidationError("--journal: a batch keeps one journal per domain in --run-directory (each outcome line names it)") }
         if let t = timeoutOption, !(t > 0 && t.isFinite && t <= 3600) { throw ValidationError("--timeout: \(t) is not between 0 and 3600 seconds") }
         if let t = transportOption, !["gift", "memfd", "copy", "auto"].contains(t) {
             throw ValidationError("--transport: '\(t)' is not gift, memfd, copy or auto")
@@ -195,7 +196,7 @@ extension UpgradeCommand {
     /// The new QEMU for `domain`: --binary, or the binary installed at its emulator path.
     func newEmulator(for domain: String) throws -> String {
         if let binary { return binary }
-        guard let emulator = try? LibvirtConnection(uri: connect).domain(domain).emulator() else {
+        guard let emulator = try? LibvirtConnection.connect(uri: connect, answeringWithin: timeout).domain(domain).emulator() else {
             throw fail("domain \(domain): no <emulator> to upgrade to; give --binary; nothing was paused", .peerRefused)
         }
         return emulator
@@ -203,7 +204,7 @@ extension UpgradeCommand {
 
     /// The handoff record in the domain's metadata (a fresh connection: libvirtd restarted).
     func recordHandoff(_ report: QEMUUpgradeReport) {
-        guard let d = try? LibvirtConnection(uri: connect).domain(report.domain) else { return }
+        guard let d = try? LibvirtConnection.connect(uri: connect, answeringWithin: timeout).domain(report.domain) else { return }
         var meta = (try? d.metadata()).flatMap { $0 }.flatMap(BatonMetadata.init(element:)) ?? BatonMetadata()
         meta.generation += 1
         meta.state = "committed"

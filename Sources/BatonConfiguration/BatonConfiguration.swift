@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import TOMLKit
 
 /// Baton's configuration file (`/etc/baton/baton.toml`, or `--config` / `BATON_CONFIG`):
@@ -101,8 +102,10 @@ public struct BatonConfiguration: Sendable, Equatable {
             "log_level": oneOf(logLevels) { $0.logLevel = $1 },
             "metrics_listen": string { c, s in
                 if s.isEmpty { c.metricsListen = nil; return nil }
-                guard let colon = s.lastIndex(of: ":"), UInt16(s[s.index(after: colon)...]) != nil, !s[..<colon].isEmpty else {
-                    return "'\(s)' is not ADDRESS:PORT (e.g. 127.0.0.1:9464), or \"\" for none"
+                var address = in_addr()
+                guard let colon = s.lastIndex(of: ":"), UInt16(s[s.index(after: colon)...]) != nil,
+                      s[..<colon] == "localhost" || inet_pton(AF_INET, String(s[..<colon]), &address) == 1 else {
+                    return "'\(s)' is not IPV4-ADDRESS:PORT (e.g. 127.0.0.1:9464), or \"\" for none"
                 }
                 c.metricsListen = s
                 return nil

@@ -60,6 +60,7 @@ public final class BatonService: @unchecked Sendable {
         switch outcome {
         case .succeeded: completed += 1
         case .rolledBack: failures += 1; rollbacks += 1
+        case .refused: refused += 1
         default: failures += 1
         }
     }
@@ -169,7 +170,9 @@ public final class BatonService: @unchecked Sendable {
     /// Prometheus text exposition (format 0.0.4).
     /// Prometheus text from the metrics backend, with the stale-domain gauge refreshed first.
     public func metrics() -> String {
-        if let stale = staleDomainCount() { BatonMetrics.staleDomains(stale) }  // scans libvirt: outside the lock
+        // Scans libvirt (outside the lock), but not while an upgrade runs: a QEMU handoff keeps
+        // libvirtd stopped on purpose, and the gauge keeps its last value meanwhile.
+        if !busy, let stale = staleDomainCount() { BatonMetrics.staleDomains(stale) }
         return metricsText()
     }
 

@@ -93,14 +93,22 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
 
     public var description: String { "\(action.rawValue):\(phase.rawValue)" }
 
+    /// SIGKILL, then wait (bounded) until it is gone: "killed after PHASE" means dead by the
+    /// time the sequence goes on, not dying while it does.
+    static func killAndWait(_ pid: Int32) {
+        guard pid > 0 else { return }
+        kill(pid, SIGKILL)
+        for _ in 0..<2000 where Host.isAlive(pid) { usleep(1_000) }
+    }
+
     /// Fires if `phase` is this fault's phase: SIGKILL the new or old instance or libvirtd
     /// (pid 0: none), or stop dead as a crashed controller would.
     public func fire(at phase: UpgradeJournal.Phase, newPid: Int32, oldPid: Int32, libvirtdPid: Int32 = 0, journalPath: String) throws {
         guard phase == self.phase else { return }
         switch action {
-        case .killNew: if newPid > 0 { kill(newPid, SIGKILL) }
-        case .killOld: if oldPid > 0 { kill(oldPid, SIGKILL) }
-        case .killLibvirtd: if libvirtdPid > 0 { kill(libvirtdPid, SIGKILL) }
+        case .killNew: Self.killAndWait(newPid)
+        case .killOld: Self.killAndWait(oldPid)
+        case .killLibvirtd: Self.killAndWait(libvirtdPid)
         case .sigkillController: kill(getpid(), SIGKILL); pause()
         case .crash: throw ControllerCrashed(phase: phase, journalPath: journalPath)
         }

@@ -62,7 +62,7 @@ public struct LibvirtDaemon: Codable, Sendable {
             guard status == 0 else { throw QEMUUpgradeError.rollForwardIncomplete("libvirtd did not start (\(argv.joined(separator: " ")) exited \(status))") }
         }
         let deadline = Date().addingTimeInterval(timeoutSeconds)
-        while (try? LibvirtConnection(uri: uri)) == nil {
+        while (try? LibvirtConnection.connect(uri: uri, answeringWithin: 5)) == nil {
             if Date() > deadline { throw QEMUUpgradeError.rollForwardIncomplete("libvirtd did not answer on \(uri) within \(timeoutSeconds) s") }
             usleep(10_000)
         }

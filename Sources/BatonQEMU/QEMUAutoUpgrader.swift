@@ -39,6 +39,7 @@ public final class QEMUAutoUpgrader: @unchecked Sendable {
     private let condition = NSCondition()
     private var pendingSince: Date?
     private var stopping = false
+    private var exited = false
     private var failedPids: [String: Int32] = [:]
     private var thread: Thread?
 
@@ -57,10 +58,17 @@ public final class QEMUAutoUpgrader: @unchecked Sendable {
         t.start()
     }
 
-    /// No new batch starts after this; one that runs finishes (the service's drain waits).
-    public func stop() {
-        condition.lock(); stopping = true; condition.broadcast(); condition.unlock()
+    /// No new batch starts after this; one that runs finishes. Returns once the thread is done
+    /// (or `deadline` passed): the service drains only after that.
+    public func stop(waitingUntil deadline: Date) {
+        condition.lock()
+        stopping = true
+        condition.broadcast()
+        while !exited && condition.wait(until: deadline) {}
+        condition.unlock()
     }
+
+    var isStopping: Bool { condition.lock(); defer { condition.unlock() }; return stopping }
 
     /// A hook event of an opted-in domain.
     public func hookEvent(domain: String, operation: String) {
@@ -87,7 +95,12 @@ public final class QEMUAutoUpgrader: @unchecked Sendable {
                 let wake = [pendingSince?.addingTimeInterval(settings.settleSeconds), nextPeriodic].compactMap { $0 }.min() ?? now.addingTimeInterval(3600)
                 _ = condition.wait(until: wake)
             }
-            if stopping { condition.unlock(); return }
+            if stopping {
+                exited = true
+                condition.broadcast()
+                condition.unlock()
+                return
+            }
             pendingSince = nil
             condition.unlock()
             nextPeriodic = settings.periodicSeconds.map { Date().addingTimeInterval($0) }
@@ -101,7 +114,7 @@ public final class QEMUAutoUpgrader: @unchecked Sendable {
         let deadline = Date().addingTimeInterval(60)
         var connection: LibvirtConnection?
         while connection == nil && Date() < deadline {
-            connection = try? LibvirtConnection(uri: settings.uri)
+            connection = try? LibvirtConnection.connect(uri: settings.uri, answeringWithin: 5)
             if connection == nil { usleep(200_000) }
         }
         guard let connection else { onNote("libvirt at \(settings.uri) did not answer within 60 s: no stale check"); return }
@@ -118,7 +131,7 @@ public final class QEMUAutoUpgrader: @unchecked Sendable {
             onNote("\(d.domain) is stale but its last automatic upgrade failed on QEMU pid \(d.pid): not retried (run `baton upgrade --domain \(d.domain)`)")
         }
         let targets = QEMUBatchUpgrade.staleTargets(retryable, binary: nil)
-        guard !targets.isEmpty else { return }
+        guard !targets.isEmpty, !isStopping else { return }
         onNote("upgrading \(targets.count) stale opted-in domain(s): \(targets.map(\.domain).joined(separator: ", "))")
         let accepted = guardBatch {
             let batch = QEMUBatchUpgrade(targets: targets, template: settings.template, parallel: settings.parallel)
@@ -131,6 +144,10 @@ public final class QEMUAutoUpgrader: @unchecked Sendable {
                     onOutcome(o)
                 }
             } catch {
+                // Not retried automatically while the same QEMUs run these domains.
+                condition.lock()
+                for d in retryable { failedPids[d.domain] = d.pid }
+                condition.unlock()
                 onNote("batch upgrade failed: \(error)")
             }
         }

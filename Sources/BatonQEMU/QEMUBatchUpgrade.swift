@@ -1,4 +1,5 @@
 import BatonController
+import BatonLibvirt
 import BatonSystem
 import Foundation
 import Glibc
@@ -53,7 +54,8 @@ public final class QEMUBatchUpgrade {
     public init(targets: [Target], template: QEMUUpgradeOptions, parallel: Int) {
         self.targets = targets
         self.template = template
-        self.parallel = max(1, parallel)
+        // Copying private RAM holds a second copy per domain; preflight checks room for one.
+        self.parallel = template.allowCopy ? 1 : max(1, parallel)
     }
 
     /// The domains of `inventory` that do not run `binary` (or, without one, their installed
@@ -65,8 +67,8 @@ public final class QEMUBatchUpgrade {
         }
     }
 
-    /// Runs the batch. `progress(outcome, done, total)` is called as each domain is skipped or its
-    /// handoff ends (from the thread that ran it; adoption by libvirtd comes after all of them).
+    /// Runs the batch. `progress(outcome, done, total)` is called on this thread as each domain is
+    /// skipped or its handoff ends (adoption by libvirtd comes after all of them).
     public func run(progress: @escaping @Sendable (QEMUBatchOutcome, Int, Int) -> Void = { _, _, _ in }) throws -> QEMUBatchSummary {
         let began = Host.monotonicNanoseconds()
         signal(SIGPIPE, SIG_IGN)
@@ -80,7 +82,16 @@ public final class QEMUBatchUpgrade {
         let results = OutcomeTable()
         // Preflight all with libvirtd up, one after another (libvirt probes binaries).
         var ready: [QEMUUpgrade] = []
+        // One domain named twice (or by name and by UUID) would get two new QEMUs on one guest's RAM.
+        var names = Set<String>()
+        let lookup = try? LibvirtConnection.connect(uri: template.uri, answeringWithin: template.timeoutSeconds)
         for target in targets {
+            let canonical = (try? lookup?.domain(target.domain).name) ?? target.domain
+            guard names.insert(canonical).inserted else {
+                let outcome = QEMUBatchOutcome(domain: target.domain, status: .skipped, reason: "domain \(canonical) is named more than once in this batch; upgraded once")
+                progress(outcome, results.add(outcome), targets.count)
+                continue
+            }
             var options = template
             options.domain = target.domain
             options.newEmulator = target.newEmulator
@@ -103,6 +114,9 @@ public final class QEMUBatchUpgrade {
         let daemon = first.record.libvirtd
         let stopped = Host.monotonicNanoseconds()
         do { try daemon.stop() } catch {
+            // Nothing was started or paused; libvirtd may still exit later (SIGTERM was sent), so
+            // make sure it runs again.
+            _ = try? daemon.start(uri: template.uri)
             for u in ready { try? u.log(.rolledBack, note: "libvirtd did not stop: \(error)") }
             throw error
         }

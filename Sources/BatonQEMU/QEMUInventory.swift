@@ -34,8 +34,8 @@ public struct QEMUDomainStatus: Codable, Sendable, Equatable {
 public enum QEMUInventory {
     /// The running domains of `uri`, from libvirt's list and its status files (pid, emulator).
     /// A domain whose status file cannot be read is left out (it is not a local QEMU domain).
-    public static func scan(uri: String, stateDirectory: String = "/run/libvirt/qemu") throws -> [QEMUDomainStatus] {
-        let names = try LibvirtConnection(uri: uri).activeDomainNames().sorted()
+    public static func scan(uri: String, stateDirectory: String = "/run/libvirt/qemu", timeoutSeconds: Double = 10) throws -> [QEMUDomainStatus] {
+        let names = try LibvirtConnection.connect(uri: uri, answeringWithin: timeoutSeconds).activeDomainNames().sorted()
         var versions: [String: String] = [:]  // "dev:ino" → version: one probe per distinct binary
         func version(_ path: String, identity: String?) -> String? {
             if let identity, let v = versions[identity] { return v }

@@ -21,7 +21,7 @@ public enum QEMURecovery {
         if oldMonitor == nil, record.libvirtd.pid != nil, isQEMU(record.oldPid, of: record.domain) {
             // libvirtd runs, so it holds the old QEMU's monitor (it was never stopped, or was
             // started again): ask it, not QMP.
-            if let d = try? LibvirtConnection(uri: record.uri).domain(record.domain), let state = try? d.state().state {
+            if let d = try? LibvirtConnection.connect(uri: record.uri, answeringWithin: 10).domain(record.domain), let state = try? d.state().state {
                 if state == .paused { try? d.resume() }
                 observed = (try? d.state().state.rawValue) ?? "unreachable"
             }
@@ -84,7 +84,7 @@ public enum QEMURecovery {
         try record.libvirtd.start(uri: record.uri)
         let deadline = Date().addingTimeInterval(30)
         while true {
-            if let c = try? LibvirtConnection(uri: record.uri), let d = try? c.domain(record.domain), let s = try? d.state().state {
+            if let c = try? LibvirtConnection.connect(uri: record.uri, answeringWithin: 10), let d = try? c.domain(record.domain), let s = try? d.state().state {
                 if s == .running { return }
                 if s == .shutoff || s == .crashed { throw QEMUUpgradeError.rollForwardIncomplete("libvirt reports \(record.domain) \(s.rawValue) after adopting pid \(newPid)") }
             }
@@ -106,7 +106,7 @@ public enum QEMURecovery {
     /// Points the persistent definition's `<emulator>` at the new binary (the next cold boot
     /// uses it). Returns whether the definition changed.
     public static func updateDefinition(record: QEMUHandoffRecord) -> Bool {
-        guard let c = try? LibvirtConnection(uri: record.uri), let d = try? c.domain(record.domain), d.isPersistent,
+        guard let c = try? LibvirtConnection.connect(uri: record.uri, answeringWithin: 10), let d = try? c.domain(record.domain), d.isPersistent,
               let xml = try? d.inactiveXML() else { return false }
         let updated = xml.replacing(#/<emulator>[^<]*</emulator>/#, with: "<emulator>\(record.newEmulator)</emulator>")
         guard updated != xml else { return false }

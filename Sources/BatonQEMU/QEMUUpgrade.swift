@@ -113,6 +113,8 @@ public final class QEMUUpgrade: @unchecked Sendable {
     var libvirtdHeldByBatch = false
     /// `cont` returned: the new QEMU runs the guest.
     var committed = false
+    /// `cont` was sent to a live new QEMU: from here it may have run the guest.
+    var contSent = false
     /// The sequence ended forward (later steps do nothing).
     var finished = false
 
@@ -309,7 +311,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
             }
             // Past `committing` the new QEMU may already run the guest (a `cont` whose reply was
             // lost): while it lives, only forward is safe.
-            if committed, !QEMURecovery.isQEMU(report.newPid, of: record.domain) {
+            if committed || contSent, !QEMURecovery.isQEMU(report.newPid, of: record.domain) {
                 report.error = "\(error)"
                 let lost = QEMURecovery.lost(record: record, startLibvirtd: !libvirtdHeldByBatch)
                 try? log(.done, note: "lost: the new QEMU died after running the guest")
@@ -325,7 +327,11 @@ public final class QEMUUpgrade: @unchecked Sendable {
                 }
                 throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
             }
-            let observed = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor, startLibvirtd: !libvirtdHeldByBatch)
+            let observed = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor, startLibvirtd: false)
+            // libvirtd must find the old QEMU's monitor free when it reconnects: let go of every
+            // handle first (a held monitor accepts libvirtd's connection and stays silent).
+            releaseHandles()
+            if !libvirtdHeldByBatch { _ = try? record.libvirtd.start(uri: record.uri) }
             report.observedAfterRollback = observed
             report.rolledBack = true
             report.error = "\(error)"
@@ -537,6 +543,12 @@ public final class QEMUUpgrade: @unchecked Sendable {
         // the old process must never run again.
         try log(.committing)
         pastPointOfNoReturn = true
+        // A new QEMU already dead was never told to run the guest: back is still safe. Once `cont`
+        // is sent, a new QEMU that dies may have run it (a reply lost), and back is not.
+        guard QEMURecovery.isQEMU(report.newPid, of: record.domain) else {
+            throw QEMUUpgradeError.rolledBack("the new QEMU (pid \(report.newPid)) died before it was told to run the guest")
+        }
+        contSent = true
         try new.execute("cont")  // returns once the vCPUs run (QEMU emits RESUME first)
         let running = Host.monotonicNanoseconds()
         report.breakdown.resumeMs = Double(running - verified) / 1e6
@@ -551,12 +563,21 @@ public final class QEMUUpgrade: @unchecked Sendable {
     /// start libvirtd so it adopts the new process.
     func finishForward() throws {
         let vcpus = (try? newMonitor?.query("query-cpus-fast", as: [QEMUCPU].self)) ?? []
-        oldMonitor = nil
-        newMonitor = nil  // libvirtd must find the new QEMU's monitor free
-        movedListeners.removeAll()  // the new QEMU holds its own copies; ours close
-        passedSockets.removeAll()
+        releaseHandles()  // libvirtd must find the new QEMU's monitor free; the new QEMU holds its own sockets
+
         try QEMURecovery.fenceAndDescribe(record: record, newVCPUs: Dictionary(uniqueKeysWithValues: vcpus.map { ($0.cpuIndex, $0.threadId) }))
         if !libvirtdHeldByBatch { try completeAdoption() }
+    }
+
+    /// Closes everything this controller holds of either QEMU: monitors, twin listeners, passed
+    /// sockets, the RAM and log descriptors.
+    func releaseHandles() {
+        oldMonitor = nil
+        newMonitor = nil
+        movedListeners.removeAll()
+        passedSockets.removeAll()
+        ramFD = nil
+        logFD = nil
     }
 
     /// libvirtd (started by this upgrade, or by the batch once for all) reports the domain

@@ -39,6 +39,8 @@ struct ConfigurationTests {
             """, path: "t.toml")
         #expect(c.serviceSocket == "/tmp/x/serve.sock" && c.logLevel == "debug")
         #expect(c.policy == .onReconnect && c.parallel == 4 && c.maxPauseMs == 250 && c.timeoutSeconds == 12.5 && c.digest)
+        #expect(try BatonConfiguration.parse("[upgrade]\nmax_pause_ms = 0\n[service]\nmetrics_listen = \"127.0.0.1:9464\"\n", path: "z.toml").maxPauseMs == nil, "0: no limit")
+        #expect(try BatonConfiguration.parse("[service]\nmetrics_listen = \"127.0.0.1:9464\"\n", path: "z.toml").metricsListen == "127.0.0.1:9464")
         #expect(try BatonConfiguration.parse(c.rendered, path: "r.toml") == c)
     }
 
@@ -53,6 +55,8 @@ struct ConfigurationTests {
             ("[service]\nsocket = \"relative/path\"\n", 2, "service.socket", "absolute path"),
             ("[upgrade]\ndigest = 1\n", 2, "upgrade.digest", "true or false"),
             ("[service]\nsocket = \n", 2, nil, "not valid TOML"),
+            ("[service]\nmetrics_listen = \"foo:1\"\n", 2, "service.metrics_listen", "not IPV4-ADDRESS:PORT"),
+            ("[upgrade]\nlibvirt_uri = \"system\"\n", 2, "upgrade.libvirt_uri", "not a libvirt URI"),
           ] as [(String, Int, String?, String)])
     func refusals(text: String, line: Int, key: String?, message: String) {
         do {
