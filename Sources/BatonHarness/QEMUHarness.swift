@@ -26,6 +26,8 @@ public struct QEMUHarnessFault: Sendable, CustomStringConvertible {
     public var libvirtdStopped = false
     /// cpr-transfer: the domain is first moved to QEMU 10.0 (not counted), then upgraded 10.0 → 10.0.
     public var cpr = false
+    /// Two domains upgraded as one batch (`controller` fires in the batch's process).
+    public var batch = false
     public var expected: CaseOutcome
     /// Losing the guest is physics here (documented in Docs/FAULTS.md), not a defect.
     public var lossExpected = false
@@ -51,6 +53,11 @@ public struct QEMUHarnessFault: Sendable, CustomStringConvertible {
         for p: UpgradeJournal.Phase in [.started, .prepared, .newInstanceReady, .paused, .transferred] { f.append(.controller(.sigkillController, p, .rolledBack)) }
         for p: UpgradeJournal.Phase in [.committing, .committed, .adopted] { f.append(.controller(.sigkillController, p, .committed)) }
         f.append(.controller(.crash, .transferred, .rolledBack))
+        // A batch of two whose controller dies once the first domain committed: one recover
+        // finishes both (forward, back) and starts libvirtd once.
+        var crashedBatch = QEMUHarnessFault.controller(.sigkillController, .committed, .committed)
+        crashedBatch = QEMUHarnessFault(name: "batch:" + crashedBatch.name, controller: crashedBatch.controller, batch: true, expected: .committed)
+        f.append(crashedBatch)
         // The new QEMU dies: back while the old one can take the guest; after the new one ran
         // it, the guest is gone with it (the old QEMU's state is stale and is never resumed).
         for p: UpgradeJournal.Phase in [.newInstanceReady, .paused, .transferred, .committing] { f.append(.controller(.killNew, p, .rolledBack)) }
@@ -104,10 +111,60 @@ public struct QEMUHarness {
     }
 
     public func faultMatrix(_ faults: [QEMUHarnessFault]) -> [CaseResult] {
-        faults.enumerated().map { i, fault in
-            let r = runCase(fault, index: i)
-            progress(String(format: "  qemu %-34@ %@ %@ (%.1f s)", fault.name, r.outcome.rawValue, r.passed ? "ok" : "FAILED: \(r.detail.prefix(300))", r.seconds))
-            return r
+        faults.enumerated().flatMap { i, fault in
+            let results = fault.batch ? crashedBatch(fault, index: i) : [runCase(fault, index: i)]
+            for r in results {
+                progress(String(format: "  qemu %-34@ %@ %@ (%.1f s)", r.fault, r.outcome.rawValue, r.passed ? "ok" : "FAILED: \(r.detail.prefix(300))", r.seconds))
+            }
+            return results
+        }
+    }
+
+    /// Two domains as one batch, the controller SIGKILLed once the first has committed: one
+    /// `baton recover` must finish the first forward and take the second back, starting libvirtd
+    /// only after both.
+    func crashedBatch(_ fault: QEMUHarnessFault, index: Int) -> [CaseResult] {
+        let started = Date()
+        var domains: [QEMUTestDomain] = []
+        defer { domains.forEach { $0.remove() } }
+        func result(_ name: String, _ expected: CaseOutcome) -> CaseResult {
+            CaseResult(fault: "\(fault.name):\(name)", transport: "ignore-shared", ramBytes: ramMiB << 20, outcome: .lost, expectedLoss: false, verified: false,
+                       instancesRunning: 0, splitBrain: false, downtimeMs: nil, seconds: 0, detail: "", expectedOutcome: expected, faultFired: false)
+        }
+        do {
+            for i in 0..<2 {
+                domains.append(try QEMUTestDomain.boot(name: "baton-harness-\(getpid())-\(index)b\(i)", uri: uri, emulator: oldQEMU, ramMiB: ramMiB, fillMiB: fillMiB,
+                                                       guest: guest, directory: workDirectory))
+            }
+            let before = try domains.map { try $0.console.ask("check", timeoutSeconds: 60) }
+            let oldPids = domains.map { $0.processes.first ?? 0 }
+            let runDirectory = "\(workDirectory)/run-batch-\(index)"
+            let daemon = try LibvirtDaemon.running()
+            let batch = try Spawn.run(baton, ["upgrade", "--connect", uri, "--binary", newQEMU, "--parallel", "2", "--run-directory", runDirectory, "--json"]
+                                      + domains.flatMap { ["--domain", $0.name] }, environment: ["BATON_CONTROLLER_FAULT": fault.controller!.description])
+            let journals = ((try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? []).filter { $0.hasPrefix("journal-qemu-") }.sorted()
+            let recover = journals.first.map { try? Spawn.run(baton, ["recover", "--journal", "\(runDirectory)/\($0)"]) } ?? nil
+            if daemon.pid == nil { _ = try? daemon.start(uri: uri) }  // its init system's job; recover should have done it
+            return domains.enumerated().map { i, d in
+                var r = result(d.name, i == 0 ? .committed : .rolledBack)
+                let running = d.processes
+                r.instancesRunning = running.count
+                r.splitBrain = running.count > 1
+                let check = running.isEmpty ? nil : try? d.console.ask("check", timeoutSeconds: 20)
+                let continued = check.map { $0.md5 == before[i].md5 && $0.boot == before[i].boot && $0.uptime > before[i].uptime } ?? false
+                r.outcome = running.count == 1 && continued ? (running[0] == oldPids[i] ? .rolledBack : .committed) : .lost
+                let expectedBinary = r.outcome == .committed ? newQEMU : oldQEMU
+                r.verified = continued && running.count == 1 && managedByLibvirt(d.name, pid: running[0])
+                    && (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(running[0])/exe")) == expectedBinary
+                r.faultFired = batch.status == 128 + SIGKILL
+                r.detail = "batch exit \(batch.status), \(journals.count) journals; recover exit \(recover?.status ?? -1): \(recover?.output.split(separator: "\n").last ?? "")"
+                r.seconds = Date().timeIntervalSince(started)
+                return r
+            }
+        } catch {
+            var r = result("setup", .committed)
+            r.detail = "harness error: \(error)"
+            return [r]
         }
     }
 

@@ -114,16 +114,61 @@ public enum QEMURecovery {
     }
 
     /// `baton recover` for a QEMU journal: forward if `committing` was reached and the new QEMU
-    /// lives, back otherwise.
+    /// lives, back otherwise. A batch leaves one journal per domain and libvirtd stopped for all
+    /// of them, so every unfinished QEMU journal beside this one is recovered too, and libvirtd is
+    /// started only after the last (started earlier, it would reconnect to a domain still
+    /// half-way, whose monitor path already leads to its new QEMU).
     public static func recover(entries: [UpgradeJournal.Entry], journal: UpgradeJournal) throws -> String {
-        guard let context = entries.last(where: { $0.context != nil })?.context, let record = QEMUHandoffRecord.decode(context) else {
-            return "journal has no QEMU handoff record: nothing to do"
+        guard let record = unfinishedRecord(entries) else {
+            return QEMUHandoffRecord.decode(entries.last(where: { $0.context != nil })?.context ?? "") == nil
+                ? "journal has no QEMU handoff record: nothing to do" : "upgrade already finished"
         }
+        let directory = (journal.path as NSString).deletingLastPathComponent
+        // Not while an upgrade runs here (its journals are unfinished because it is not done).
+        let lock = try QEMUHost.hostLock(in: directory)
+        defer { close(lock) }
+        var journals = [(journal, entries, record)]
+        for name in ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).sorted()
+        where name.hasPrefix("journal-qemu-") && name.hasSuffix(".jsonl") && "\(directory)/\(name)" != journal.path {
+            let path = "\(directory)/\(name)"
+            guard let e = try? UpgradeJournal.read(path: path), let r = unfinishedRecord(e), let j = try? UpgradeJournal(path: path) else { continue }
+            journals.append((j, e, r))
+        }
+        var lines: [String] = [], failures: [String] = [], adopting: [(UpgradeJournal, QEMUHandoffRecord)] = []
+        for (j, e, r) in journals {
+            do {
+                let (line, forward) = try recoverOne(entries: e, record: r, journal: j)
+                lines.append(line)
+                if forward { adopting.append((j, r)) }
+            } catch { failures.append("\(r.domain): \(error)") }
+        }
+        // One start of libvirtd, after every domain is back on one QEMU.
+        _ = try? record.libvirtd.start(uri: record.uri)
+        for (j, r) in adopting {
+            do {
+                try awaitAdoption(record: r)
+                try note(j, r, .done, "recovered forward")
+            } catch { failures.append("\(r.domain): \(error)") }
+        }
+        if !failures.isEmpty { throw QEMUUpgradeError.rollForwardIncomplete((lines + failures).joined(separator: "; ")) }
+        return lines.joined(separator: "; ")
+    }
+
+    static func unfinishedRecord(_ entries: [UpgradeJournal.Entry]) -> QEMUHandoffRecord? {
+        guard let context = entries.last(where: { $0.context != nil })?.context, let record = QEMUHandoffRecord.decode(context) else { return nil }
         let phases = Set(entries.map(\.phase))
-        if phases.contains(.done) || phases.contains(.rolledBack) { return "upgrade of \(record.domain) already finished" }
-        func note(_ phase: UpgradeJournal.Phase, _ text: String) throws {
-            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: record.domain, oldPid: record.oldPid, newPid: record.newPid, note: text, context: context))
-        }
+        return phases.contains(.done) || phases.contains(.rolledBack) ? nil : record
+    }
+
+    static func note(_ journal: UpgradeJournal, _ record: QEMUHandoffRecord, _ phase: UpgradeJournal.Phase, _ text: String) throws {
+        try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: record.domain, oldPid: record.oldPid, newPid: record.newPid,
+                                 note: text, context: record.json))
+    }
+
+    /// One domain, with libvirtd left as it is. Returns what was done, and whether libvirtd must
+    /// still adopt a new QEMU.
+    static func recoverOne(entries: [UpgradeJournal.Entry], record: QEMUHandoffRecord, journal: UpgradeJournal) throws -> (String, Bool) {
+        let phases = Set(entries.map(\.phase))
         if phases.contains(.committing), let newPid = record.newPid, isQEMU(newPid, of: record.domain) {
             // The new QEMU may have been stopped at the state load: run it, then finish. (Once
             // libvirtd runs again it holds the monitor, and it adopted the running QEMU.)
@@ -131,17 +176,16 @@ public enum QEMURecovery {
                let s = try? m.query("query-status", as: QEMURunState.self), !s.running, s.status == "paused" {
                 _ = try? m.execute("cont")
             }
-            try rollForward(record: record, newVCPUs: [:])
-            try note(.done, "recovered forward")
-            return "rolled forward: the new QEMU (pid \(newPid)) runs \(record.domain), libvirt adopted it"
+            try fenceAndDescribe(record: record, newVCPUs: [:])
+            return ("rolled forward: the new QEMU (pid \(newPid)) runs \(record.domain), libvirt adopted it", true)
         }
         if phases.contains(.committed) {
-            try note(.done, "lost: the new QEMU died after running the guest")
-            throw lost(record: record)
+            try note(journal, record, .done, "lost: the new QEMU died after running the guest")
+            throw lost(record: record, startLibvirtd: false)
         }
-        let observed = rollBack(record: record, oldMonitor: nil, newMonitor: nil)
-        try note(.rolledBack, "recovered back")
-        return "rolled back: the old QEMU (pid \(record.oldPid)) \(observed)"
+        let observed = rollBack(record: record, oldMonitor: nil, newMonitor: nil, startLibvirtd: false)
+        try note(journal, record, .rolledBack, "recovered back")
+        return ("rolled back: the old QEMU (pid \(record.oldPid)) of \(record.domain) \(observed)", false)
     }
 
     /// Whether `pid` is still a QEMU running `domain` (a journal's pid may have been reused by
