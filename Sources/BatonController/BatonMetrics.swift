@@ -35,13 +35,21 @@ public enum BatonMetrics {
     public static func ended(hypervisor: String, outcome: Outcome, mode: String, downtimeMs: Double?, phasesMs: [(String, Double)] = [], bytes: Int64 = 0) {
         Counter(label: "baton_upgrades_total", dimensions: [("hypervisor", hypervisor), ("outcome", outcome.rawValue), ("mode", mode)]).increment()
         guard outcome == .succeeded else { return }
-        if let downtimeMs {
-            Timer(label: "baton_downtime_seconds", dimensions: [("hypervisor", hypervisor)]).recordNanoseconds(Int64(downtimeMs * 1e6))
+        if let downtimeMs, let ns = nanoseconds(downtimeMs) {
+            Timer(label: "baton_downtime_seconds", dimensions: [("hypervisor", hypervisor)]).recordNanoseconds(ns)
         }
         for (phase, ms) in phasesMs {
-            Timer(label: "baton_phase_seconds", dimensions: [("hypervisor", hypervisor), ("phase", phase)]).recordNanoseconds(Int64(ms * 1e6))
+            guard let ns = nanoseconds(ms) else { continue }
+            Timer(label: "baton_phase_seconds", dimensions: [("hypervisor", hypervisor), ("phase", phase)]).recordNanoseconds(ns)
         }
         if bytes > 0 { Counter(label: "baton_bytes_moved_total", dimensions: [("hypervisor", hypervisor)]).increment(by: bytes) }
+    }
+
+    /// Milliseconds as nanoseconds, or nil for a value no clock gives (NaN, infinite, negative,
+    /// absurdly large): `Int64(_:)` would trap on those, in the service.
+    static func nanoseconds(_ ms: Double) -> Int64? {
+        guard ms.isFinite, ms >= 0, ms < 1e9 else { return nil }
+        return Int64(ms * 1e6)
     }
 
     public static func staleDomains(_ count: Int) { Gauge(label: "baton_stale_domains").record(count) }
