@@ -70,13 +70,11 @@ public final class QEMUBatchUpgrade {
     /// Runs the batch. `progress(outcome, done, total)` is called on this thread as each domain is
     /// skipped or its handoff ends (adoption by libvirtd comes after all of them).
     public func run(progress: @escaping @Sendable (QEMUBatchOutcome, Int, Int) -> Void = { _, _, _ in }) throws -> QEMUBatchSummary {
+        try QEMUHost.holdingHost(runDirectory: template.runDirectory, holdSignals: template.holdSignals) { try runHeld(progress: progress) }
+    }
+
+    func runHeld(progress: @escaping @Sendable (QEMUBatchOutcome, Int, Int) -> Void) throws -> QEMUBatchSummary {
         let began = Host.monotonicNanoseconds()
-        signal(SIGPIPE, SIG_IGN)
-        let held = QEMUHost.holdSignals(template.holdSignals)
-        defer { QEMUHost.release(held) }
-        try QEMUHost.makePrivateDirectory(template.runDirectory)
-        let lock = try QEMUHost.hostLock(in: template.runDirectory)
-        defer { close(lock) }
 
         var summary = QEMUBatchSummary(parallel: parallel)
         let results = OutcomeTable()

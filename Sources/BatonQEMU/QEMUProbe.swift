@@ -74,16 +74,21 @@ enum QEMUHost {
         return fd
     }
 
-    /// While libvirtd is down and two QEMUs share the guest, a terminal's signals must not stop
-    /// the sequence half-way: SIGINT/SIGHUP/SIGTERM are ignored until it ends (SIGKILL still
-    /// stops it; `baton recover` finishes the journal). Returns what to restore.
-    static func holdSignals(_ hold: Bool) -> [(Int32, sighandler_t?)] {
-        guard hold else { return [] }
-        return [SIGINT, SIGHUP, SIGTERM].map { ($0, signal($0, SIG_IGN)) }
-    }
-
-    static func release(_ held: [(Int32, sighandler_t?)]) {
-        for (sig, handler) in held { signal(sig, handler) }
+    /// What every QEMU upgrade (one domain or a batch) holds for its whole length. While libvirtd
+    /// is down and two QEMUs share a guest, the process must not be stopped half-way by a
+    /// terminal or a vanished peer: SIGPIPE is ignored (writes fail with EPIPE), and so are
+    /// SIGINT/SIGHUP/SIGTERM when `holdSignals` (SIGKILL still stops it; `baton recover` finishes
+    /// the journal). The run directory is private, and the host lock is held: each upgrade stops
+    /// and starts the host's one libvirtd, and a second one restarting it mid-handoff would hand
+    /// libvirtd the old QEMU.
+    static func holdingHost<T>(runDirectory: String, holdSignals: Bool, _ body: () throws -> T) throws -> T {
+        signal(SIGPIPE, SIG_IGN)
+        let held = holdSignals ? [SIGINT, SIGHUP, SIGTERM].map { ($0, signal($0, SIG_IGN)) } : []
+        defer { for (sig, handler) in held { signal(sig, handler) } }
+        try makePrivateDirectory(runDirectory)
+        let lock = try hostLock(in: runDirectory)
+        defer { close(lock) }
+        return try body()
     }
 
     /// The last line QEMU wrote to the domain's log (through virtlogd), for error messages.

@@ -232,35 +232,27 @@ public final class QEMUUpgrade: @unchecked Sendable {
     // MARK: - The sequence
 
     func log(_ phase: UpgradeJournal.Phase, note: String? = nil, durable: Bool = true) throws {
-        try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
-                                 newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: record.json), durable: durable)
+        func record(_ note: String?, durable: Bool) throws {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
+                                     newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: self.record.json), durable: durable)
+        }
+        try record(note, durable: durable)
         if let fault = options.fault {
-            let libvirtd = record.libvirtd.pid ?? 0
+            let libvirtd = self.record.libvirtd.pid ?? 0
             if fault.phase == phase, fault.action != .crash, fault.action != .sigkillController {
                 // Evidence for the harness that the fault really fired, and on which process.
                 let target = fault.action == .killNew ? report.newPid : fault.action == .killOld ? report.oldPid : libvirtd
-                try? journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
-                                          newPid: report.newPid == 0 ? nil : report.newPid, note: "injected \(fault) on pid \(target)", context: record.json), durable: false)
+                try record("injected \(fault) on pid \(target)", durable: false)
             }
             try fault.fire(at: phase, newPid: report.newPid, oldPid: report.oldPid, libvirtdPid: libvirtd, journalPath: journal.path)
         }
     }
 
     public func run() throws -> QEMUUpgradeReport {
-        // While libvirtd is down and two QEMUs share the guest, this process must not be
-        // stopped half-way by a terminal or a vanished peer: SIGPIPE is ignored (writes fail
-        // with EPIPE), and so are SIGINT/SIGHUP/SIGTERM until the sequence has finished or
-        // rolled back (SIGKILL still stops it; `baton recover` then finishes the journal).
-        signal(SIGPIPE, SIG_IGN)
-        let held = QEMUHost.holdSignals(options.holdSignals)
-        defer { QEMUHost.release(held) }
-        try QEMUHost.makePrivateDirectory(options.runDirectory)
-        // One QEMU upgrade per host at a time: each stops and starts the host's one libvirtd, and
-        // a second one restarting it mid-handoff would hand libvirtd the old QEMU.
-        let lock = try QEMUHost.hostLock(in: options.runDirectory)
-        defer { close(lock) }
-        try begin()
-        return try proceed()
+        try QEMUHost.holdingHost(runDirectory: options.runDirectory, holdSignals: options.holdSignals) {
+            try begin()
+            return try proceed()
+        }
     }
 
     /// Preflight, then the journal (one per upgrade) and its first entry. Nothing is paused.
