@@ -6,10 +6,12 @@ import BatonSystem
 import Foundation
 import Glibc
 import Logging
+import ServiceLifecycle
 
 /// `baton serve`: the long-running Baton service. Newline-delimited JSON on a Unix socket in a
-/// 0700 directory; graceful shutdown on SIGTERM/SIGINT (stops accepting, lets running upgrades
-/// finish, removes its socket).
+/// 0700 directory, run as a swift-service-lifecycle ServiceGroup (ServeServices.swift): at start
+/// it finishes what unfinished journals record; SIGTERM/SIGINT stop accepting, let running
+/// upgrades finish (never cut one inside a pause), remove the socket and exit.
 struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the Baton service (upgrade requests, hook events, status, metrics, the QEMU upgrade policy).")
 
@@ -34,6 +36,16 @@ struct ServeCommand: ParsableCommand {
     var metricsListen: String?
 
     func run() throws {
+        // First, before any thread exists, so that every thread inherits the mask: SIGTERM and
+        // SIGINT then never kill the process (not even inside a pause); swift-service-lifecycle's
+        // signal source (a signalfd on Linux) takes them and starts the graceful shutdown.
+        var terminating = sigset_t()
+        sigemptyset(&terminating)
+        sigaddset(&terminating, SIGTERM)
+        sigaddset(&terminating, SIGINT)
+        pthread_sigmask(SIG_BLOCK, &terminating, nil)
+        signal(SIGPIPE, SIG_IGN)
+
         let file = try config.load()
         let socket = self.socket ?? file.serviceSocket, state = self.state ?? file.stateDirectory
         let drainSeconds = self.drainSeconds ?? file.drainSeconds, uri = connect ?? file.libvirtURI
@@ -47,11 +59,20 @@ struct ServeCommand: ParsableCommand {
             return handler
         }
         let log = Logger(label: "baton.serve")
-        signal(SIGPIPE, SIG_IGN)
         for dir in [(socket as NSString).deletingLastPathComponent, state] {
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
             chmod(dir, 0o700)
         }
+        try ServiceLock.take(in: state)
+
+        // Upgrades a dead controller (an earlier service, a CLI) left half-way are finished
+        // before any request is taken: a new upgrade of the same guest must not start on top.
+        let sweep = UnfinishedJournals(directories: [state, file.runDirectory])
+        for outcome in sweep.recoverAll() {
+            let metadata: Logger.Metadata = ["journal": "\(outcome.journal)", "outcome": "\(outcome.message)"]
+            if outcome.failed { log.error("recovery", metadata: metadata) } else { log.notice("recovery", metadata: metadata) }
+        }
+
         // The QEMU upgrade policy: stale opted-in domains move on reconnect and/or periodically.
         let upgrader = Box<QEMUAutoUpgrader>()
         _ = MetricsExport.registry  // bootstraps swift-metrics before anything counts
@@ -65,81 +86,33 @@ struct ServeCommand: ParsableCommand {
                 throw fail("--metrics-listen \(address): \(error)", .usage)
             }
         }
-        if policy != .manual {
-            var template = QEMUUpgradeOptions(domain: "", newEmulator: "")
-            template.holdSignals = false  // SIGTERM is blocked here and taken by sigwait: never ignore it
-            template.uri = uri
-            template.runDirectory = file.runDirectory
-            template.timeoutSeconds = file.timeoutSeconds
-            template.maxPauseMs = file.maxPauseMs
-            template.updateDefinition = file.updateDefinition
-            let settings = QEMUAutoUpgrader.Settings(uri: uri, template: template, parallel: file.parallel, onReconnect: true,
-                                                     periodicSeconds: policy == .onStale ? file.staleCheckSeconds : nil)
-            upgrader.value = QEMUAutoUpgrader(settings: settings, guardBatch: { work in
-                guard service.begin("qemu-batch") else { return false }
-                defer { service.end("qemu-batch") }
-                work()
-                return true
-            }, onOutcome: { o in
-                let r = o.report
-                let outcome: BatonMetrics.Outcome = switch o.status {
-                case .upgraded: .succeeded
-                case .rolledBack: .rolledBack
-                case .incomplete: .rolledForward
-                case .skipped: .refused
-                }
-                service.count(mode: r?.mode ?? "none", outcome: outcome, pauseMs: r?.pauseMs ?? 0,
-                              phasesMs: r.map { [("migration", $0.breakdown.migrationMs), ("verify", $0.breakdown.verifyMs), ("resume", $0.breakdown.resumeMs)] } ?? [],
-                              bytes: r?.ramBytesMoved ?? 0)
-                // One structured line per upgrade.
-                log.info("upgrade", metadata: ["domain": "\(o.domain)", "outcome": "\(o.status.rawValue)", "mode": "\(r?.mode ?? "")",
-                                               "oldPid": "\(r?.oldPid ?? 0)", "newPid": "\(r?.newPid ?? 0)",
-                                               "pauseMs": "\(String(format: "%.2f", r?.pauseMs ?? 0))", "reason": "\(o.reason ?? "")"])
-            }, onNote: { log.notice("\($0)") })
-        }
+        if policy != .manual { upgrader.value = ServeCommand.autoUpgrader(policy: policy, uri: uri, file: file, service: service, log: log) }
         // Hook events queued while the service was down.
         let queue = state + "/hook-queue.jsonl"
         if let queued = try? String(contentsOfFile: queue, encoding: .utf8) {
             for line in queued.split(separator: "\n") { _ = service.handle(String(line)) }
             try? FileManager.default.removeItem(atPath: queue)
         }
-        // Block the signals before any thread starts, so sigwait below receives them.
-        var signals = sigset_t()
-        sigemptyset(&signals)
-        sigaddset(&signals, SIGTERM)
-        sigaddset(&signals, SIGINT)
-        pthread_sigmask(SIG_BLOCK, &signals, nil)
         let listener = try UnixListener(path: socket)
-        let accepting = Thread {
-            while true {
-                let client: UnixSocket
-                do { client = try listener.accept() } catch let e as SyscallError where [EMFILE, ENFILE, ENOBUFS, ENOMEM, EINTR, ECONNABORTED].contains(e.errno) {
-                    usleep(50_000)  // out of descriptors: back off and keep accepting, never go deaf
-                    continue
-                } catch { return }  // the listener was shut down (drain)
-                try? client.setTimeout(seconds: 60)  // a silent client must not hold a thread forever
-                Thread { ServeCommand.serve(client, service) }.start()
-            }
-        }
-        accepting.start()
-        upgrader.value?.start()
         log.info("listening", metadata: ["pid": "\(getpid())", "socket": "\(socket)", "state": "\(state)", "policy": "\(policy.rawValue)", "libvirt": "\(uri)",
                                          "metrics": "\(metricsAddress.map { "http://\($0)/metrics" } ?? "none")"])
         if let metricsAddress { try? metricsAddress.write(toFile: state + "/metrics.address", atomically: true, encoding: .utf8) }
-        var received: Int32 = 0
-        sigwait(&signals, &received)
-        log.notice("signal \(received): draining")
-        let deadline = Date().addingTimeInterval(drainSeconds)
-        listener.remove()
-        Glibc.shutdown(listener.fd.raw, Int32(SHUT_RDWR))
-        upgrader.value?.stop(waitingUntil: deadline)  // a batch it runs finishes first
-        while service.busy && Date() < deadline { usleep(50_000) }
-        let clean = !service.busy
-        if clean {
+
+        // Shut down in reverse order: requests and the policy drain first, the reaper goes last.
+        let requests = RequestService(listener: listener, service: service, upgrader: upgrader.value, drainSeconds: drainSeconds, log: log)
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: ChildReaperService(log: log)),
+                       .init(service: requests, successTerminationBehavior: .gracefullyShutdownGroup, failureTerminationBehavior: .gracefullyShutdownGroup)],
+            gracefulShutdownSignals: [.sigterm, .sigint], logger: log))
+        let clean: Bool
+        do {
+            try runToEnd { try await group.run() }
+            clean = true
             log.info("stopped")
-        } else {
+        } catch {
             // Not a clean stop: an upgrade is still running (its journal lets `baton recover` finish it).
-            log.error("stopped after \(drainSeconds) s with upgrades still running: \(service.status()["inFlight"] ?? [])")
+            clean = false
+            log.error("stopped: \(error)")
         }
         // Leave without running exit handlers and static destructors: threads that never end (the
         // accept loop, libvirt's event loop, an HTTP listener) still run, and destructors freeing
@@ -147,6 +120,39 @@ struct ServeCommand: ParsableCommand {
         // chunk size"). Everything that matters is on disk; stdio is flushed first.
         fflush(nil)
         _exit(clean ? 0 : BatonExit.failure.rawValue)
+    }
+
+    static func autoUpgrader(policy: BatonConfiguration.UpgradePolicy, uri: String, file: BatonConfiguration, service: BatonService, log: Logger) -> QEMUAutoUpgrader {
+        var template = QEMUUpgradeOptions(domain: "", newEmulator: "")
+        template.holdSignals = false  // SIGTERM is blocked here and starts a graceful shutdown: never ignore it
+        template.uri = uri
+        template.runDirectory = file.runDirectory
+        template.timeoutSeconds = file.timeoutSeconds
+        template.maxPauseMs = file.maxPauseMs
+        template.updateDefinition = file.updateDefinition
+        let settings = QEMUAutoUpgrader.Settings(uri: uri, template: template, parallel: file.parallel, onReconnect: true,
+                                                 periodicSeconds: policy == .onStale ? file.staleCheckSeconds : nil)
+        return QEMUAutoUpgrader(settings: settings, guardBatch: { work in
+            guard service.begin("qemu-batch") else { return false }
+            defer { service.end("qemu-batch") }
+            work()
+            return true
+        }, onOutcome: { o in
+            let r = o.report
+            let outcome: BatonMetrics.Outcome = switch o.status {
+            case .upgraded: .succeeded
+            case .rolledBack: .rolledBack
+            case .incomplete: .rolledForward
+            case .skipped: .refused
+            }
+            service.count(mode: r?.mode ?? "none", outcome: outcome, pauseMs: r?.pauseMs ?? 0,
+                          phasesMs: r.map { [("migration", $0.breakdown.migrationMs), ("verify", $0.breakdown.verifyMs), ("resume", $0.breakdown.resumeMs)] } ?? [],
+                          bytes: r?.ramBytesMoved ?? 0)
+            // One structured line per upgrade.
+            log.info("upgrade", metadata: ["domain": "\(o.domain)", "outcome": "\(o.status.rawValue)", "mode": "\(r?.mode ?? "")",
+                                           "oldPid": "\(r?.oldPid ?? 0)", "newPid": "\(r?.newPid ?? 0)",
+                                           "pauseMs": "\(String(format: "%.2f", r?.pauseMs ?? 0))", "reason": "\(o.reason ?? "")"])
+        }, onNote: { log.notice("\($0)") })
     }
 
     /// One `upgrade-qemu` request: the options from the request, the rest from the configuration.

@@ -356,12 +356,34 @@ struct EnrollCommand: ParsableCommand {
 struct RecoverCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "recover",
-        abstract: "After a controller crash: finish (past commit) or roll back (before it) the upgrade in a journal.")
+        abstract: "After a controller crash: finish (past commit) or roll back (before it) the upgrade in a journal, or (--all) every unfinished one.",
+        discussion: "`baton serve` runs `--all` itself before it takes requests. Exit 0 when every journal was finished (forward or back), 1 if a guest was lost or a journal could not be finished.")
+
+    @OptionGroup var config: ConfigFileOption
 
     @Option(help: "The journal of the interrupted upgrade.")
-    var journal: String
+    var journal: String?
+
+    @Flag(help: "Every unfinished journal in the state directory and the run directory (or --directory).")
+    var all = false
+
+    @Option(name: .customLong("directory"), help: "With --all: a directory to look in (repeatable). Default: [service] state_directory and [upgrade] run_directory.")
+    var directories: [String] = []
+
+    func validate() throws {
+        guard (journal == nil) != !all else { throw ValidationError("give --journal PATH or --all") }
+    }
 
     func run() throws {
+        guard let journal else {
+            let file = try config.load()
+            let sweep = UnfinishedJournals(directories: directories.isEmpty ? [file.stateDirectory, file.runDirectory] : directories)
+            let outcomes = sweep.recoverAll()
+            if outcomes.isEmpty { print("baton: no unfinished journal in \(sweep.directories.joined(separator: ", "))") }
+            for o in outcomes { print("baton: \(o.journal): \(o.message)") }
+            if outcomes.contains(where: \.failed) { throw ExitCode(BatonExit.failure.rawValue) }
+            return
+        }
         let entries = try UpgradeJournal.read(path: journal)
         if entries.contains(where: { $0.context != nil }) {
             do { print("baton: \(try QEMURecovery.recover(entries: entries, journal: UpgradeJournal(path: journal)))") } catch let e as QEMUUpgradeError {
@@ -371,5 +393,6 @@ struct RecoverCommand: ParsableCommand {
         }
         let outcome = try UpgradeRecovery.recover(journalPath: journal)
         print("baton: \(outcome)")
+        if outcome.result == .lost { throw ExitCode(BatonExit.failure.rawValue) }
     }
 }

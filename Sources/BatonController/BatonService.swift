@@ -123,7 +123,9 @@ public final class BatonService: @unchecked Sendable {
         options.transport = request["transport"] as? String ?? "auto"
         options.releaseSource = request["release_source"] as? Bool ?? false
         options.runDirectory = stateDirectory + "/run"
-        options.journalPath = stateDirectory + "/journal-\(abs(vm.hashValue))-\(Int(Date().timeIntervalSince1970 * 1000)).jsonl"
+        options.journalPath = stateDirectory + "/journal-\(vm.hashValue.magnitude)-\(Int(Date().timeIntervalSince1970 * 1000)).jsonl"
+        // The fault switch (tests, the harness): the same variable the CLI reads.
+        options.fault = ProcessInfo.processInfo.environment["BATON_CONTROLLER_FAULT"].flatMap(ControllerFault.init(parsing:))
         do {
             let report = try UpgradeController(options: options).run()
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: .succeeded, mode: report.transport, downtimeMs: report.downtimeMs,

@@ -67,7 +67,8 @@ public struct UpgradeOptions: Sendable {
 
 /// Faults the controller itself can inject at a phase boundary, by name:
 /// `kill-new-after:PHASE` (SIGKILL the new instance), `kill-old-after:PHASE`,
-/// `crash-controller-after:PHASE` (stop dead, as if SIGKILLed: no rollback; `baton recover` must finish).
+/// `crash-controller-after:PHASE` (stop dead, as if SIGKILLed: no rollback; `baton recover` must finish),
+/// `stall-after:PHASE` (2 s). The CLI and `baton serve` read it from BATON_CONTROLLER_FAULT.
 public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
     public enum Action: String, Sendable {
         case killNew = "kill-new-after", killOld = "kill-old-after", crash = "crash-controller-after"
@@ -76,6 +77,8 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
         /// SIGKILL this process (the controller) itself: nothing after the phase runs, not even
         /// the error path that `crash-controller-after` still takes.
         case sigkillController = "sigkill-controller-after"
+        /// Hold the sequence for 2 s after the phase (a slow step: what a drain must wait out).
+        case stall = "stall-after"
     }
     public let action: Action
     public let phase: UpgradeJournal.Phase
@@ -111,6 +114,7 @@ public struct ControllerFault: Sendable, Equatable, CustomStringConvertible {
         case .killLibvirtd: Self.killAndWait(libvirtdPid)
         case .sigkillController: kill(getpid(), SIGKILL); pause()
         case .crash: throw ControllerCrashed(phase: phase, journalPath: journalPath)
+        case .stall: usleep(2_000_000)
         }
     }
 }
@@ -241,6 +245,7 @@ public final class UpgradeController {
             report.ramDigestBeforeResume = after.ramDigestBeforeResume
             try log(.resumed)
             try log(.done)
+            releaseNewInstance()
             return report
         } catch let crash as ControllerCrashed {
             throw crash
@@ -251,6 +256,7 @@ public final class UpgradeController {
             let journaledCommit = (try? UpgradeJournal.read(path: journal!.path).contains { $0.phase == .committed }) ?? false
             if journaledCommit {
                 // Past commit the new instance owns the guest: never resume the old one.
+                releaseNewInstance()
                 throw UpgradeFailure(description: "committed, but the new instance did not report running: \(error); run `baton recover --journal \(journal!.path)`", report: report)
             }
             rollBack(prepared: prepared, paused: paused)
@@ -302,6 +308,7 @@ public final class UpgradeController {
             report.ramDigestBeforeResume = after.ramDigestBeforeResume
             try? log(.committed, note: "rolled forward by adoption")
             try? log(.done)
+            releaseNewInstance()
             return report
         } catch {
             if let childPid { kill(childPid, SIGKILL); var st: Int32 = 0; waitpid(childPid, &st, 0) }
@@ -375,6 +382,13 @@ public final class UpgradeController {
             report.error = "\(error)"
             throw UpgradeFailure(description: "\(error); rolled back, the VM resumed in the old image (pid \(report.oldPid))", report: report)
         }
+    }
+
+    /// The new instance runs the guest now and outlives this upgrade: nobody waits for it here,
+    /// so a long-running parent (`baton serve`) reaps it when it exits.
+    func releaseNewInstance() {
+        if let childPid { ChildReaper.release(childPid) }
+        childPid = nil
     }
 
     func rollBack(prepared: Bool, paused: Bool) {

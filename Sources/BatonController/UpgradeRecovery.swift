@@ -6,11 +6,19 @@ import Glibc
 /// old instance owns the guest (kill the new one, resume the old). From `committing` on, the
 /// new one does if it runs; the old one must then be gone.
 public enum UpgradeRecovery {
-    public static func recover(journalPath: String) throws -> String {
+    /// What recovery did, as a type (callers decide on `result`, never on the text).
+    public struct Outcome: CustomStringConvertible, Sendable {
+        public enum Result: String, Sendable { case nothingToDo, rolledBack, rolledForward, lost }
+        public let result: Result
+        public let description: String
+        init(_ result: Result, _ description: String) { self.result = result; self.description = description }
+    }
+
+    public static func recover(journalPath: String) throws -> Outcome {
         let entries = try UpgradeJournal.read(path: journalPath)
-        guard let first = entries.first, let last = entries.last else { return "journal \(journalPath) is empty: nothing to do" }
+        guard let first = entries.first, let last = entries.last else { return Outcome(.nothingToDo, "journal \(journalPath) is empty: nothing to do") }
         let phases = Set(entries.map(\.phase))
-        if phases.contains(.done) || phases.contains(.rolledBack) { return "upgrade of \(first.vm) already finished (\(last.phase.rawValue))" }
+        if phases.contains(.done) || phases.contains(.rolledBack) { return Outcome(.nothingToDo, "upgrade of \(first.vm) already finished (\(last.phase.rawValue))") }
         let oldPid = entries.compactMap(\.oldPid).first
         let newPid = entries.compactMap(\.newPid).last
         let journal = try UpgradeJournal(path: journalPath)
@@ -30,7 +38,7 @@ public enum UpgradeRecovery {
             if let owner {
                 if alive(oldPid) { kill(oldPid!, SIGKILL) }  // never two instances
                 try journal.record(.init(phase: .done, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "recovered forward"))
-                return "rolled forward: new instance pid \(owner) owns \(first.vm)"
+                return Outcome(.rolledForward, "rolled forward: new instance pid \(owner) owns \(first.vm)")
             }
             if alive(oldPid) {
                 // The commit never reached the new instance: the old one still holds the guest.
@@ -38,9 +46,9 @@ public enum UpgradeRecovery {
                 _ = try? control.client.request("PUT", "/api/v1/baton/handoff.abandon")
                 if (try? control.state()) == "Paused" { try control.resume() }
                 try journal.record(.init(phase: .rolledBack, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "commit never completed"))
-                return "rolled back: old instance pid \(oldPid!) resumed (the commit never completed)"
+                return Outcome(.rolledBack, "rolled back: old instance pid \(oldPid!) resumed (the commit never completed)")
             }
-            return "LOST: neither instance of \(first.vm) runs the guest"
+            return Outcome(.lost, "LOST: neither instance of \(first.vm) runs the guest")
         }
         if alive(newPid) { kill(newPid!, SIGKILL) }
         if alive(oldPid) {
@@ -48,6 +56,6 @@ public enum UpgradeRecovery {
             if (try? control.state()) == "Paused" { try control.resume() }
         }
         try journal.record(.init(phase: .rolledBack, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "recovered back"))
-        return "rolled back: old instance pid \(oldPid.map(String.init) ?? "?") keeps \(first.vm)"
+        return Outcome(.rolledBack, "rolled back: old instance pid \(oldPid.map(String.init) ?? "?") keeps \(first.vm)")
     }
 }

@@ -116,7 +116,7 @@ public struct HarnessCase {
             } catch let crash as ControllerCrashed {
                 let entries = (try? UpgradeJournal.read(path: crash.journalPath)) ?? []
                 if let new = entries.compactMap(\.newPid).last { pids.append(new) }
-                let recovered = (try? UpgradeRecovery.recover(journalPath: crash.journalPath)) ?? "recover failed"
+                let recovered = (try? UpgradeRecovery.recover(journalPath: crash.journalPath))?.description ?? "recover failed"
                 detail = "\(crash); baton recover: \(recovered)"
             } catch let failure as UpgradeFailure {
                 if failure.report.newPid > 0 { pids.append(failure.report.newPid) }

@@ -1,3 +1,4 @@
+import BatonController
 import BatonTestSupport
 import BatonSystem
 import Foundation
@@ -44,5 +45,98 @@ struct ServiceUpgradeTests {
         let status = try BatonProcess(["status", "--socket", socket, "--json"]).finish()
         #expect(status.stdout.contains("\"completed\":3"), "\(status.stdout)")
         #expect(status.stdout.contains("\"refused\":1"))
+    }
+
+    @Test("an upgrade the last controller left half-way (guest paused) is rolled back before serve takes requests; a second serve on the same state is refused")
+    func recoversAtStart() throws {
+        let dir = try BatonProcess.makeRunDirectory("svc-recover")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let vm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vm.stop() }
+        let before = try vm.beat()
+        // What a controller killed inside the pause leaves: the guest paused, a journal up to `paused`.
+        try vm.client.expectOK("PUT", "/api/v1/vm.pause")
+        #expect(try vm.status().state == "Paused")
+        let state = dir + "/state"
+        try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true)
+        let path = state + "/journal-interrupted.jsonl"
+        let journal = try UpgradeJournal(path: path)
+        for phase in [UpgradeJournal.Phase.started, .newInstanceReady, .prepared, .paused] {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: vm.socket, oldPid: vm.pid, newPid: nil))
+        }
+        let socket = dir + "/serve.sock"
+        let serve = try BatonProcess(["serve", "--socket", socket, "--state", state])
+        defer { serve.kill(SIGTERM); _ = serve.finish() }
+        #expect(BatonProcess.waitForPath(socket))
+        // The socket exists only after recovery: the guest runs again, and the journal says so.
+        #expect(try vm.status().state == "Running")
+        #expect(try UpgradeJournal.read(path: path).last?.phase == .rolledBack)
+        _ = try vm.beat(after: before.counter)
+        let second = try BatonProcess(["serve", "--socket", dir + "/other.sock", "--state", state]).finish()
+        #expect(second.status == 1 && second.stderr.contains("another baton serve (pid \(serve.pid)) uses state directory"), "\(second.stderr)")
+        serve.kill(SIGTERM)
+        let stopped = serve.finish()
+        #expect(stopped.status == 0, "\(stopped.stderr)")
+        #expect(stopped.stderr.contains("recovery") && stopped.stderr.contains("rolled back"), "\(stopped.stderr)")
+    }
+
+    @Test("the new instance a service upgrade started is reaped when it exits, never left a zombie")
+    func reapsNewInstances() throws {
+        let dir = try BatonProcess.makeRunDirectory("svc-reap")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/serve.sock"
+        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
+        defer { serve.kill(SIGTERM); _ = serve.finish() }
+        #expect(BatonProcess.waitForPath(socket))
+        let vm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vm.stop() }
+        let next = dir + "/batonvmm-next"
+        try Executable.copy(from: batonvmmPath, to: next)
+        let upgrade = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--transport", "memfd"]).finish()
+        #expect(upgrade.status == 0, "\(upgrade.stderr)")
+        let newPid = try vm.status().pid
+        #expect(newPid != vm.pid)
+        let stat = Host.readSmallFile("/proc/\(newPid)/stat") ?? ""
+        let parent = stat.split(separator: ")").last?.split(separator: " ").dropFirst().first.flatMap { Int32($0) }
+        #expect(parent == serve.pid, "the new instance is the service's child (\(stat))")
+        kill(newPid, SIGKILL)
+        var gone = false
+        for _ in 0..<100 where !gone {
+            gone = !FileManager.default.fileExists(atPath: "/proc/\(newPid)")
+            if !gone { usleep(50_000) }
+        }
+        #expect(gone, "pid \(newPid) is still in /proc (\(Host.readSmallFile("/proc/\(newPid)/stat") ?? "")): a zombie nobody reaped")
+    }
+
+    @Test("SIGTERM while an upgrade holds its guest paused: the service stops accepting, lets the upgrade finish, then exits 0")
+    func drainsOnSIGTERM() throws {
+        let dir = try BatonProcess.makeRunDirectory("svc-drain")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/serve.sock"
+        // The upgrade stalls 2 s with the guest paused, so the signal lands inside the pause.
+        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state", "--drain-seconds", "30"],
+                                     environment: ["BATON_CONTROLLER_FAULT": "stall-after:paused"])
+        defer { serve.kill(SIGKILL); _ = serve.finish() }
+        #expect(BatonProcess.waitForPath(socket))
+        let vm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vm.stop() }
+        let next = dir + "/batonvmm-next"
+        try Executable.copy(from: batonvmmPath, to: next)
+        let upgrade = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--transport", "memfd"])
+        var paused = false
+        for _ in 0..<400 where !paused {
+            paused = (try? vm.status().state) == "Paused"
+            if !paused { usleep(5_000) }
+        }
+        #expect(paused, "the upgrade never paused the guest")
+        serve.kill(SIGTERM)
+        usleep(300_000)
+        #expect(!FileManager.default.fileExists(atPath: socket), "still accepting after SIGTERM")
+        let done = upgrade.finish()
+        #expect(done.status == 0 && done.stdout.contains("verified yes"), "\(done.stdout) \(done.stderr)")
+        let stopped = serve.finish()
+        #expect(stopped.status == 0, "\(stopped.stderr)")
+        #expect(stopped.stderr.contains("draining") && stopped.stderr.contains("stopped"), "\(stopped.stderr)")
+        #expect(try vm.status().state == "Running")
     }
 }
