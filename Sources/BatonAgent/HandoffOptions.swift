@@ -23,6 +23,8 @@ public struct HandoffOptions: Sendable {
     /// the RAM. The receiver writes into a memfd whose descriptor the sender keeps, so a
     /// rollback restores every byte (SourceRollback).
     public var releaseSource = false
+    /// Counts the bytes this handoff moves, for a progress line (nil: counted, not shown).
+    public var progress: TransferProgress?
     /// Expected uid of the peer (SO_PEERCRED).
     public var peerUID: UInt32 = getuidValue()
 

@@ -43,6 +43,8 @@ public final class NewInstanceAgent {
     /// Set when the sender releases its pages: chunks are confirmed to it one by one.
     var verifier: ChunkVerifier?
     var plannedChunks: [Chunk] = []
+    /// Bytes received so far (read by a progress line from another thread).
+    public let progress = TransferProgress()
 
     public init(connection: AgentConnection, capabilities: Capabilities = .all, stallTimeoutSeconds: Double = 10,
                 expectedUID: UInt32 = getuid(), destinations: @escaping DestinationProvider = DestinationProviders.prefaultedAnonymous) {
@@ -192,7 +194,7 @@ public final class NewInstanceAgent {
             throw TransferError.destinationMissing(regionID: region.id)
         }
         let sums = ChunkChecksums(count: plan.chunks.count)
-        let control = TransferControl(stallTimeoutSeconds: stallTimeoutSeconds)
+        let control = TransferControl(stallTimeoutSeconds: stallTimeoutSeconds, progress: progress)
         self.checksums = sums
         self.control = control
         pipes = begin.usesPipes ? Array(descriptors.prefix(Int(begin.lanes))) : []
@@ -235,6 +237,7 @@ public final class NewInstanceAgent {
             // A shared page cannot be corrupted in transit without corrupting the guest, so the
             // fault point spoils the check's reading instead.
             if faults.corruptChunk == c.index { sums[c.index] ^= 1 }
+            progress.add(c.length)
         }
     }
 

@@ -204,7 +204,8 @@ public final class OldInstanceAgent {
 
         // Lanes send, the peer socket is watched; a releasing sender streams each chunk's
         // checksum ahead of its bytes and frees the chunk once the receiver confirms it.
-        let control = TransferControl(stallTimeoutSeconds: options.stallTimeoutSeconds, peerSocket: releasing ? nil : connection.socket.fd)
+        let control = TransferControl(stallTimeoutSeconds: options.stallTimeoutSeconds, peerSocket: releasing ? nil : connection.socket.fd,
+                                      progress: options.progress ?? TransferProgress())
         let streamChecksum: ((Chunk, UInt64) throws -> Void)? = releasing ? { [connection] chunk, sum in
             try connection.send(.chunkChecksums(firstChunk: UInt32(chunk.index), checksums: [sum]))
         } : nil
@@ -218,7 +219,10 @@ public final class OldInstanceAgent {
                 try PipeLaneSender(lane: lane, pipe: pipe, gift: kinds[first.regionID] == .gift, control: control, beforeChunk: streamChecksum)
                     .send(chunks, sources: byID, checksums: checksums)
             case .processVmReadv, .memfd:
-                for c in chunks { checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base) }
+                for c in chunks {
+                    checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base)
+                    control.progress.add(c.length)
+                }
             }
         }
         if releasing {

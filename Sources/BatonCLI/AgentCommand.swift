@@ -35,6 +35,9 @@ struct AgentCommand: ParsableCommand {
             do {
                 let connection = AgentConnection(socket: try listener.accept(timeoutSeconds: timeout))
                 let agent = NewInstanceAgent(connection: connection, stallTimeoutSeconds: timeout)
+                let line = ProgressLine(), rate = RateMeter(), received = agent.progress
+                line.tick { rate.describe(bytes: received.bytesMoved, of: nil, verb: "received") }
+                defer { line.finish() }  // before the JSON below: it clears the line it is on
                 let regions = try agent.receive()
                 // Peak before the pattern check below touches every byte again.
                 outcome.peakRssBytes = Host.statusBytes("VmHWM") ?? 0
@@ -92,13 +95,19 @@ struct AgentCommand: ParsableCommand {
             options.transport = transport
             options.stallTimeoutSeconds = timeout
             options.releaseSource = releaseSource
+            let progress = TransferProgress()
+            options.progress = progress
+            let line = ProgressLine(), rate = RateMeter()
+            line.tick { rate.describe(bytes: progress.bytesMoved, of: bytes, verb: "sent") }
             do {
                 let connection = AgentConnection(socket: try UnixSocket.connect(path: socket))
                 let pending = try OldInstanceAgent(connection: connection, options: options)
                     .handOff([SourceRegion(id: 0, guestAddress: 0, mapping: mapping)])
                 try pending.commit()
+                line.finish()
                 printJSON(pending.report)
             } catch {
+                line.finish()
                 throw fail("\(error)", BatonExit.forHandoffFailure(error))
             }
         }

@@ -60,22 +60,29 @@ struct HarnessCommand: ParsableCommand {
         let work = try BatonProcess.makeRunDirectory("harness")
         defer { try? FileManager.default.removeItem(atPath: work) }
         var harness = Harness(batonvmm: vmm, workDirectory: work)
-        harness.progress = { line in if !json { FileHandle.standardError.write(Data((line + "\n").utf8)) } }
         let ramBytes = try parseSize(ram, option: "--ram")
         let transportList = transports.split(separator: ",").map(String.init)
+        let selected = faults.map { f in f == "all" ? HarnessFault.all : HarnessFault.all.filter { f.split(separator: ",").map(String.init).contains($0.name) } } ?? []
+        let sizeList = try sizes.map { try $0.split(separator: ",").map { try parseSize(String($0), option: "--sizes") } } ?? []
+        let counter = CaseCounter(total: selected.reduce(0) { n, f in n + transportList.filter(f.applies).count } + (concurrent ?? 0)
+                                  + sizeList.count * transportList.count * runs, json: json)
+        harness.progress = counter.note
+        harness.caseDone = counter.done
+        defer { counter.line.finish() }
         var report = HarnessReport()
-        if let faults {
-            let selected = faults == "all" ? HarnessFault.all : HarnessFault.all.filter { faults.split(separator: ",").map(String.init).contains($0.name) }
+        if !selected.isEmpty {
             report.cases += harness.faultMatrix(selected, transports: transportList, ramBytes: ramBytes)
         }
         if let concurrent {
             report.concurrent = concurrent
-            report.cases += harness.concurrent(concurrent, transport: transportList.first ?? "memfd", ramBytes: ramBytes)
+            let results = harness.concurrent(concurrent, transport: transportList.first ?? "memfd", ramBytes: ramBytes)
+            results.forEach(counter.done)
+            report.cases += results
         }
-        if let sizes {
-            report.downtime = harness.downtime(sizes: try sizes.split(separator: ",").map { try parseSize(String($0), option: "--sizes") },
-                                               transports: transportList, runs: runs)
+        if !sizeList.isEmpty {
+            report.downtime = harness.downtime(sizes: sizeList, transports: transportList, runs: runs)
         }
+        counter.line.finish()  // before the summary: it clears the line it is on
         try finish(report)
     }
 
@@ -84,17 +91,23 @@ struct HarnessCommand: ParsableCommand {
         let work = try BatonProcess.makeRunDirectory("harness-qemu")
         defer { try? FileManager.default.removeItem(atPath: work) }
         var harness = QEMUHarness(baton: try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"), workDirectory: work)
-        harness.progress = { line in if !json { FileHandle.standardError.write(Data((line + "\n").utf8)) } }
         if let why = harness.unavailableReason { throw fail("harness --hypervisor qemu cannot run here: \(why)", .checkFailed) }
+        let selected = faults.flatMap { f in f == "none" ? nil : f == "all" ? QEMUHarnessFault.all : QEMUHarnessFault.all.filter { f.split(separator: ",").map(String.init).contains($0.name) } } ?? []
+        let counter = CaseCounter(total: selected.reduce(0) { $0 + ($1.batch ? 2 : 1) } + (concurrent ?? 0), json: json)
+        harness.progress = counter.note
+        harness.caseDone = counter.done
+        defer { counter.line.finish() }
         var report = HarnessReport()
-        if let faults, faults != "none" {
-            let selected = faults == "all" ? QEMUHarnessFault.all : QEMUHarnessFault.all.filter { faults.split(separator: ",").map(String.init).contains($0.name) }
+        if !selected.isEmpty {
             report.cases += harness.faultMatrix(selected)
         }
         if let concurrent {
             report.concurrent = concurrent
-            report.cases += harness.concurrent(concurrent, ramMiB: try parseSize(ram, option: "--ram") >> 20)
+            let results = harness.concurrent(concurrent, ramMiB: try parseSize(ram, option: "--ram") >> 20)
+            results.forEach(counter.done)
+            report.cases += results
         }
+        counter.line.finish()  // before the summary: it clears the line it is on
         try finish(report)
     }
 
@@ -118,5 +131,40 @@ struct HarnessCommand: ParsableCommand {
         if report.summary.passed != report.summary.total || report.summary.unexpectedLoss > 0 || report.summary.splitBrain > 0 {
             throw BatonExit.failure.code
         }
+    }
+}
+
+/// The harness's progress: its lines (never with --json) and, on a terminal, a status line
+/// under them with cases done and failed.
+final class CaseCounter: @unchecked Sendable {
+    let line: ProgressLine
+    let total: Int
+    let json: Bool
+    private let lock = NSLock()
+    private var finished = 0, failed = 0
+
+    init(total: Int, json: Bool) {
+        self.total = total
+        self.json = json
+        line = ProgressLine(json: json)
+    }
+
+    func note(_ text: String) {
+        guard !json else { return }
+        line.note(text)
+        redraw()
+    }
+
+    func done(_ result: CaseResult) {
+        lock.lock()
+        finished += 1
+        if !result.passed { failed += 1 }
+        lock.unlock()
+        redraw()
+    }
+
+    private func redraw() {
+        lock.lock(); let (n, f) = (finished, failed); lock.unlock()
+        line.show("harness: \(n)/\(total) cases done, \(f) failed")
     }
 }

@@ -269,17 +269,16 @@ extension UpgradeCommand {
             return
         }
         let batch = QEMUBatchUpgrade(targets: targets, template: try qemuOptions(domain: "", newEmulator: ""), parallel: parallel)
-        let showProgress = !json && isatty(STDERR_FILENO) == 1
+        let line = ProgressLine(json: json)
         let summary: QEMUBatchSummary
         do {
-            summary = try batch.run { outcome, done, total in
-                guard showProgress else { return }
-                FileHandle.standardError.write(Data("\r\u{1B}[K[\(done)/\(total)] \(outcome.domain): \(outcome.status.rawValue)".utf8))
-            }
+            line.show("batch: 0/\(targets.count) domains done")
+            summary = try batch.run { outcome, done, total in line.show("batch: \(done)/\(total) domains done, last \(outcome.domain): \(outcome.status.rawValue)") }
         } catch let error as QEMUUpgradeError {
+            line.finish()
             throw fail(error.description, BatonExit.forQEMU(error))
         }
-        if showProgress { FileHandle.standardError.write(Data("\r\u{1B}[K".utf8)) }
+        line.finish()
         for outcome in summary.outcomes {
             if outcome.status == .upgraded, let report = outcome.report { recordHandoff(report) }
             if json { printJSON(outcome); continue }

@@ -49,6 +49,8 @@ public struct Harness {
     public var batonvmm: String
     public var workDirectory: String
     public var progress: (String) -> Void = { _ in }
+    /// Told of each case as it ends (the command's progress line counts them).
+    public var caseDone: (CaseResult) -> Void = { _ in }
 
     public init(batonvmm: String, workDirectory: String) {
         self.batonvmm = batonvmm
@@ -62,6 +64,7 @@ public struct Harness {
                 progress("harness: \(fault.name) × \(transport)")
                 let r = HarnessCase(fault: fault, transport: transport, ramBytes: ramBytes, batonvmm: batonvmm, workDirectory: workDirectory).run()
                 progress("  → \(r.outcome.rawValue), verified \(r.verified), instances \(r.instancesRunning)\(r.passed ? "" : "  FAILED: \(r.detail)")")
+                caseDone(r)
                 results.append(r)
             }
         }
@@ -108,6 +111,7 @@ public struct Harness {
                     c.digest = false
                     let r = c.run()
                     if !r.passed { progress("  case failed: \(r.detail)") }
+                    caseDone(r)
                     verified = verified && r.passed
                     if let d = r.downtimeMs { times.append(d) }
                 }

@@ -95,6 +95,8 @@ public struct QEMUHarness {
     public var ramMiB = 128
     public var fillMiB = 16
     public var progress: (String) -> Void = { _ in }
+    /// Told of each verdict as it is reached (the command's progress line counts them).
+    public var caseDone: (CaseResult) -> Void = { _ in }
 
     public init(baton: String, workDirectory: String) {
         self.baton = baton
@@ -115,6 +117,7 @@ public struct QEMUHarness {
             let results = fault.batch ? crashedBatch(fault, index: i) : [runCase(fault, index: i)]
             for r in results {
                 progress(String(format: "  qemu %-34@ %@ %@ (%.1f s)", r.fault, r.outcome.rawValue, r.passed ? "ok" : "FAILED: \(r.detail.prefix(300))", r.seconds))
+                caseDone(r)
             }
             return results
         }

@@ -77,6 +77,7 @@ public struct PipeLaneSender {
                     throw TransferError.syscall(e, regionID: chunk.regionID, offset: chunk.offset + UInt64(cursor.consumed))
                 }
             }
+            control.progress.add(chunk.length)
             try afterChunk(chunk.index)
         }
     }
@@ -155,6 +156,7 @@ public struct PipeLaneReceiver {
             if faults.corruptChunk == chunk.index { start.storeBytes(of: start.load(as: UInt8.self) ^ 0x5A, as: UInt8.self) }
             let sum = chunk.checksum(regionBase: dest.base)
             checksums[chunk.index] = sum
+            control.progress.add(chunk.length)
             try afterChunk?(chunk, sum)
             if faults.killReceiverAfterChunk == chunk.index { kill(getpid(), SIGKILL) }
         }

@@ -39,6 +39,7 @@ public struct RemoteLaneReader {
             }
             if faults.corruptChunk == chunk.index { local.storeBytes(of: local.load(as: UInt8.self) ^ 0x5A, as: UInt8.self) }
             checksums[chunk.index] = chunk.checksum(regionBase: dest.base)
+            control.progress.add(chunk.length)
             if faults.killReceiverAfterChunk == chunk.index { kill(getpid(), SIGKILL) }
         }
     }

@@ -2,6 +2,15 @@ import BatonSystem
 import Glibc
 import Synchronization
 
+/// Bytes handed over so far in one transfer, read by a progress line while lanes add to it
+/// (one relaxed add per chunk: nothing the pause would notice).
+public final class TransferProgress: Sendable {
+    private let bytes = Atomic<Int>(0)
+    public init() {}
+    public var bytesMoved: Int { bytes.load(ordering: .relaxed) }
+    public func add(_ n: UInt64) { bytes.add(Int(n), ordering: .relaxed) }
+}
+
 /// Shared by the lanes of one transfer: a cancel flag any lane or the agent can raise,
 /// and the stall timeout after which a silent peer is an error instead of a hang.
 public final class TransferControl: @unchecked Sendable {
@@ -10,10 +19,13 @@ public final class TransferControl: @unchecked Sendable {
     /// The agent socket: if the peer writes (a failure) or hangs up while a lane waits, the
     /// lane stops at once instead of waiting out the stall timeout.
     let peerSocket: FileDescriptor?
+    /// What the lanes have moved (pipes: each chunk once through; memfd: each chunk checked).
+    public let progress: TransferProgress
 
-    public init(stallTimeoutSeconds: Double = 10, peerSocket: FileDescriptor? = nil) {
+    public init(stallTimeoutSeconds: Double = 10, peerSocket: FileDescriptor? = nil, progress: TransferProgress = TransferProgress()) {
         stallTimeoutMilliseconds = Int32(stallTimeoutSeconds * 1000)
         self.peerSocket = peerSocket
+        self.progress = progress
     }
 
     public var isCancelled: Bool { cancelled.load(ordering: .acquiring) }

@@ -88,4 +88,25 @@ struct TwoProcessTransferTests {
         #expect(done.outcome?.patternMismatchOffset == nil)
         #expect(pending.report.regions.map(\.transport).sorted() == ["gift", "memfd"])
     }
+
+    @Test("a progress line (bytes and rate) on a terminal only: `script` gives the sender a pty; through a pipe stderr stays empty")
+    func progressOnTerminalOnly() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/script") else {
+            print("skipped: /usr/bin/script (util-linux) is missing, no pty to test on"); return
+        }
+        let quiet = try ReceiverChild()
+        let piped = try BatonProcess(["agent", "send", "--socket", quiet.socket, "--size", "64MiB", "--transport", "gift"]).finish()
+        #expect(piped.status == 0, "\(piped.stderr)")
+        #expect(piped.stderr.isEmpty, "progress went to a pipe: \(piped.stderr)")
+        #expect(quiet.finish().stderr.isEmpty)
+        let receiver = try ReceiverChild()
+        let command = [BatonProcess.executablePath, "agent", "send", "--socket", receiver.socket, "--size", "512MiB", "--transport", "copy"].joined(separator: " ")
+        let onTerminal = try Spawn.run("/usr/bin/script", ["-qec", command, "/dev/null"])
+        #expect(onTerminal.status == 0, "\(onTerminal.output)")
+        #expect(receiver.finish().status == 0)
+        #expect(onTerminal.output.contains("\r\u{1B}[Ksent "), "no progress line on the pty: \(onTerminal.output.prefix(300))")
+        #expect(onTerminal.output.contains("of 512MiB"))
+        // The line is cleared before the report, so the JSON starts on a clean line.
+        #expect(onTerminal.output.contains("\r\u{1B}[K{\"bytes\":536870912"), "\(onTerminal.output.suffix(300))")
+    }
 }
