@@ -43,7 +43,9 @@ let package = Package(
         // Baton's libvirt adapter: connections, domains, metadata, events, HypervisorControl.
         .target(name: "BatonLibvirt", dependencies: ["CLibvirt", "BatonController"]),
         // The upgrade sequence, journal, HypervisorControl and its implementations.
-        .target(name: "BatonController", dependencies: ["BatonSystem", "BatonCore", .product(name: "Metrics", package: "swift-metrics")]),
+        .target(name: "BatonController", dependencies: [
+            "BatonSystem", "BatonCore", .product(name: "Metrics", package: "swift-metrics"), .product(name: "Logging", package: "swift-log"),
+        ]),
         // QEMU under libvirt: QMP, command-line translation, cpr-transfer / x-ignore-shared
         // handover, libvirt adopting the new process.
         .target(name: "BatonQEMU", dependencies: ["BatonSystem", "BatonCore", "BatonController", "BatonLibvirt"]),

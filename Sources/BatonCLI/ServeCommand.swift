@@ -79,6 +79,7 @@ struct ServeCommand: ParsableCommand {
         let service = BatonService(stateDirectory: state, staleDomainCount: { (try? QEMUInventory.scan(uri: uri))?.filter(\.stale).count },
                                    onHookEvent: { domain, operation in upgrader.value?.hookEvent(domain: domain, operation: operation) },
                                    metricsText: { MetricsExport.text() })
+        service.logger = log
         service.qemuUpgrade = { request in ServeCommand.upgradeQEMU(request, file: file, service: service, log: log) }
         var metricsAddress: String?
         if let address = metricsListen ?? file.metricsListen {

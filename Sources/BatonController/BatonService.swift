@@ -1,6 +1,7 @@
 import BatonSystem
 import Foundation
 import Glibc
+import Logging
 
 /// The Baton service's state: which upgrades run (one per VM at a time, different VMs
 /// concurrently), what finished (counts for `status`; metrics through BatonMetrics), and the
@@ -26,6 +27,9 @@ public final class BatonService: @unchecked Sendable {
 
     /// The metrics backend's text (Prometheus exposition format), for `{"op":"metrics"}`.
     let metricsText: @Sendable () -> String
+
+    /// Where the service's own lines go (one structured line per batonvmm upgrade).
+    public var logger = Logger(label: "baton.serve")
 
     /// Runs one QEMU upgrade request to the end (set by `baton serve`; this module does not
     /// know QEMU). Called with the domain marked in flight.
@@ -132,6 +136,7 @@ public final class BatonService: @unchecked Sendable {
                                phasesMs: [("pause", report.pauseMs), ("state", report.stateMs), ("ram", report.ramMs), ("verify", report.verifyMs), ("resume", report.resumeMs)],
                                bytes: Int64(report.ramBytes))
             lock.lock(); completed += 1; lock.unlock()
+            logUpgrade(report, outcome: "upgraded")
             return ["ok": true, "line": report.line, "report": encode(report)]
         } catch let failure as UpgradeFailure {
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: failure.report.rolledBack ? .rolledBack : .failed, mode: failure.report.transport, downtimeMs: nil)
@@ -139,6 +144,7 @@ public final class BatonService: @unchecked Sendable {
             failures += 1
             if failure.report.rolledBack { rollbacks += 1 }
             lock.unlock()
+            logUpgrade(failure.report, outcome: failure.report.rolledBack ? "rolledBack" : "failed", reason: failure.description)
             return ["ok": false, "error": failure.description, "report": encode(failure.report)]
         } catch {
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: .failed, mode: options.transport, downtimeMs: nil)
@@ -156,6 +162,14 @@ public final class BatonService: @unchecked Sendable {
         guard begin(key) else { return ["ok": false, "refused": "an upgrade of \(domain) is already running; one at a time per domain"] }
         defer { end(key) }
         return handler(request)
+    }
+
+    /// One structured line per upgrade: VM, transport, pids, downtime, outcome.
+    func logUpgrade(_ r: UpgradeReport, outcome: String, reason: String? = nil) {
+        var metadata: Logger.Metadata = ["vm": "\(r.vm)", "outcome": "\(outcome)", "mode": "\(r.transport)", "oldPid": "\(r.oldPid)",
+                                         "newPid": "\(r.newPid)", "downtimeMs": "\(String(format: "%.2f", r.downtimeMs))"]
+        if let reason { metadata["reason"] = "\(reason)" }
+        logger.info("upgrade", metadata: metadata)
     }
 
     func encode(_ report: UpgradeReport) -> Any {

@@ -137,6 +137,8 @@ struct ServiceUpgradeTests {
         let stopped = serve.finish()
         #expect(stopped.status == 0, "\(stopped.stderr)")
         #expect(stopped.stderr.contains("draining") && stopped.stderr.contains("stopped"), "\(stopped.stderr)")
+        // One structured line per upgrade (swift-log).
+        #expect(stopped.stderr.contains("outcome=upgraded") && stopped.stderr.contains("mode=memfd") && stopped.stderr.contains("newPid="), "\(stopped.stderr)")
         #expect(try vm.status().state == "Running")
     }
 }
