@@ -23,6 +23,9 @@ public struct HandoffOptions: Sendable {
     /// the RAM. The receiver writes into a memfd whose descriptor the sender keeps, so a
     /// rollback restores every byte (SourceRollback).
     public var releaseSource = false
+    /// With an explicit `gift` on a kernel that refuses SPLICE_F_GIFT: refuse the handoff
+    /// (before the pause) instead of falling back to the pipe copy path.
+    public var strict = false
     /// Counts the bytes this handoff moves, for a progress line (nil: counted, not shown).
     public var progress: TransferProgress?
     /// Expected uid of the peer (SO_PEERCRED).
@@ -65,6 +68,9 @@ public struct TransferReport: Sendable, Codable {
     public var injectedFaults: [String: Int] = [:]
     /// The sender freed its pages as they were handed over (HandoffOptions.releaseSource).
     public var releasedSource = false
+    /// What the sender decided differently from what was asked, one line each (e.g. gift
+    /// refused by the kernel, streamed by pipe copy instead). Printed by the CLI as notices.
+    public var notices: [String] = []
 
     /// True only if every streamed region's pages were observed to move (never assumed).
     public var pagesMoved: Bool {

@@ -18,15 +18,31 @@ public final class OldInstanceAgent {
 
     /// Chooses how each region travels before anything is sent, so an impossible request
     /// fails in preflight rather than halfway.
-    public static func chooseTransports(_ sources: [SourceRegion], options: HandoffOptions, agreed: Capabilities) throws -> [UInt32: TransportKind] {
-        let streamDefault: TransportKind = agreed.contains(options.autoStreamTransport.capability) ? options.autoStreamTransport
-            : (agreed.contains(.gift) ? .gift : .pipeCopy)
+    /// `giftRefusal` is what the kernel said to a one-page SPLICE_F_GIFT probe (nil: it gifts):
+    /// then `auto` never picks gift, and an explicit `gift` streams by pipe copy with a notice,
+    /// or is refused when `options.strict`.
+    public static func chooseTransports(_ sources: [SourceRegion], options: HandoffOptions, agreed: Capabilities,
+                                        giftRefusal: SyscallError? = nil) throws -> (kinds: [UInt32: TransportKind], notices: [String]) {
+        let giftUsable = agreed.contains(.gift) && giftRefusal == nil
+        var streamDefault: TransportKind = agreed.contains(options.autoStreamTransport.capability) ? options.autoStreamTransport
+            : (giftUsable ? .gift : .pipeCopy)
+        if streamDefault == .gift && !giftUsable { streamDefault = .pipeCopy }
         var out: [UInt32: TransportKind] = [:]
+        var notices: [String] = []
         for s in sources {
             let id = s.region.id
             let kind: TransportKind
             switch options.transport {
-            case .gift: kind = .gift
+            case .gift:
+                if let giftRefusal {
+                    if options.strict {
+                        throw AgentError.noTransport(regionID: id, wanted: "gift", reason: "this kernel refuses vmsplice(SPLICE_F_GIFT) (\(giftRefusal)); --strict forbids the pipe-copy fallback")
+                    }
+                    if notices.isEmpty { notices.append("gift: this kernel refuses vmsplice(SPLICE_F_GIFT) (\(giftRefusal.errnoName)); streaming by pipe copy instead") }
+                    kind = .pipeCopy
+                } else {
+                    kind = .gift
+                }
             case .copy: kind = agreed.contains(.processVmReadv) ? .processVmReadv : .pipeCopy
             case .memfd:
                 guard s.memfd != nil else {
@@ -40,7 +56,7 @@ public final class OldInstanceAgent {
             }
             out[id] = kind
         }
-        return out
+        return (out, notices)
     }
 
     /// Runs hello → region table → transfer → verify. Returns with the receiver verified
@@ -120,7 +136,10 @@ public final class OldInstanceAgent {
         connection.sessionVersion = version
         report.protocolVersion = version
 
-        let kinds = try Self.chooseTransports(sources, options: options, agreed: agreed)
+        // Asked of the kernel before anything moves, only where gift could be chosen.
+        let mayGift = options.transport == .gift || (options.transport == .auto && sources.contains { $0.memfd == nil || !agreed.contains(.memfd) })
+        let (kinds, notices) = try Self.chooseTransports(sources, options: options, agreed: agreed, giftRefusal: mayGift ? Splice.giftRefusal() : nil)
+        report.notices = notices
         // Regions that arrive as a descriptor need no destination memory on the other side;
         // piped regions of a releasing sender land in a memfd we can take pages back from.
         let regions = sources.map { s in
@@ -317,6 +336,8 @@ public final class PreparedHandoff {
 
     /// How each region will travel, decided in preflight.
     public var transports: [UInt32: String] { kinds.mapValues { "\($0)" } }
+    /// What was decided differently from what was asked (before the pause), one line each.
+    public var notices: [String] { report.notices }
 
     /// Moves and verifies the bytes. The sources must not change from here on (VM paused).
     public func transfer() throws -> PendingHandoff {

@@ -84,6 +84,9 @@ struct AgentCommand: ParsableCommand {
         @Flag(help: "Free each chunk once handed over (gift/pipe-copy): host memory stays at RAM + window.")
         var releaseSource = false
 
+        @Flag(help: "With --transport gift on a kernel that refuses vmsplice(SPLICE_F_GIFT): fail instead of streaming by pipe copy.")
+        var strict = false
+
         @Option(help: "Seconds without progress before the peer counts as stalled.")
         var timeout: Double = 10
 
@@ -95,6 +98,7 @@ struct AgentCommand: ParsableCommand {
             options.transport = transport
             options.stallTimeoutSeconds = timeout
             options.releaseSource = releaseSource
+            options.strict = strict
             let progress = TransferProgress()
             options.progress = progress
             let line = ProgressLine(), rate = RateMeter()
@@ -105,6 +109,7 @@ struct AgentCommand: ParsableCommand {
                     .handOff([SourceRegion(id: 0, guestAddress: 0, mapping: mapping)])
                 try pending.commit()
                 line.finish()
+                for notice in pending.report.notices { FileHandle.standardError.write(Data("baton: notice: \(notice)\n".utf8)) }
                 printJSON(pending.report)
             } catch {
                 line.finish()

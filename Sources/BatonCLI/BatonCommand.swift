@@ -1,7 +1,9 @@
 import ArgumentParser
 import BatonAgent
 import BatonCore
+import BatonSystem
 import Foundation
+import Glibc
 
 /// `baton`: one CLI for operators. Exit codes are documented in README.md and here.
 public struct BatonCommand: ParsableCommand {
@@ -73,4 +75,16 @@ func printJSON<T: Encodable>(_ value: T) {
     encoder.outputFormatting = [.sortedKeys]
     let data = (try? encoder.encode(value)) ?? Data("{}".utf8)
     print(String(decoding: data, as: UTF8.self))
+}
+
+extension BatonCommand {
+    /// The executable's entry point: the fault switches in the environment are checked before
+    /// anything runs, so a bad one is a one-line error and exit 64, never a crash later.
+    public static func start() {
+        if let problem = SyscallFaults.environmentProblem {
+            FileHandle.standardError.write(Data("baton: \(problem)\n".utf8))
+            Glibc.exit(BatonExit.usage.rawValue)
+        }
+        main()
+    }
 }

@@ -18,6 +18,9 @@ public struct CheckItem: Codable, Sendable {
 /// What `baton check` found. The flat keys are the machine contract of `--json`.
 public struct CheckReport: Codable, Sendable {
     public var vmspliceGift = false
+    /// Set when the kernel refuses vmsplice(SPLICE_F_GIFT) (EOPNOTSUPP on kernels that dropped
+    /// gifting): the error. `auto` then never chooses gift.
+    public var vmspliceGiftRefused: String?
     public var vmspliceMovesPages = false
     public var pageFramesVisible = false
     public var pipeMaxSize = 0
@@ -63,6 +66,13 @@ public enum HostCheck {
 
     static func probeVmsplice(_ r: inout CheckReport) {
         let page = Host.pageSize
+        if let refusal = Splice.giftRefusal() {
+            r.vmspliceGiftRefused = "\(refusal)"
+            r.items.append(CheckItem(name: "vmsplice GIFT|MOVE", ok: false,
+                                     detail: "this kernel refuses SPLICE_F_GIFT (\(refusal.errnoName)): auto never chooses gift; --transport gift streams by pipe copy with a notice, or fails with --strict",
+                                     fix: nil))
+            return
+        }
         do {
             let source = try MemoryMapping.anonymous(length: page)
             source.base.storeBytes(of: 0xB4704E, as: UInt64.self)
@@ -188,6 +198,12 @@ public enum HostCheck {
     /// memory that has no memfd. Small and quick; `baton bench` gives the real figures.
     static func probeThroughput(_ r: inout CheckReport) {
         let size = 64 << 20
+        if r.vmspliceGiftRefused != nil {
+            r.autoStreamTransport = r.processVmReadv ? "copy" : "pipe-copy"
+            r.items.append(CheckItem(name: "stream throughput (64MiB probe)", ok: true,
+                                     detail: "gift refused by the kernel: auto streams by \(r.autoStreamTransport)", fix: nil))
+            return
+        }
         do {
             let src = try MemoryMapping.anonymous(length: size)
             let dst = try MemoryMapping.anonymous(length: size)

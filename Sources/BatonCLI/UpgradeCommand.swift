@@ -50,6 +50,9 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(name: .customLong("release-source"), inversion: .prefixedNo, help: "Free the old instance's RAM chunk by chunk as the new one confirms it (gift): RAM + window instead of 2× RAM. Default: [upgrade] release_source.")
     var releaseSourceFlag: Bool?
 
+    @Flag(help: "With --transport gift on a kernel that refuses vmsplice(SPLICE_F_GIFT): roll back before the pause instead of streaming by pipe copy.")
+    var strict = false
+
     @Flag(help: "Keep the hypervisor's pid: exec the new binary in the paused process (needed under libvirt's ch driver).")
     var inPlace = false
 
@@ -154,6 +157,7 @@ struct UpgradeCommand: ParsableCommand {
         options.transport = transport
         options.inPlace = inPlace || chDomain  // the ch driver knows the VMM by pid: keep it
         options.releaseSource = releaseSource
+        options.strict = strict
         options.digest = digest
         options.readyTimeoutSeconds = timeout
         options.stallTimeoutSeconds = file.stallTimeoutSeconds
@@ -166,6 +170,7 @@ struct UpgradeCommand: ParsableCommand {
             record.oldPid = report.oldPid
             record.newPid = report.newPid
             record.transport = report.transport
+            for notice in report.notices where !json { FileHandle.standardError.write(Data("baton: notice: \(notice)\n".utf8)) }
             if json { printJSON(report) } else { print(report.line) }
         } catch let failure as UpgradeFailure {
             record.state = failure.report.rolledBack ? "rolledBack" : "failed"

@@ -22,6 +22,9 @@ public struct UpgradeReport: Codable, Sendable {
     public var ramDigestAtPause: String?
     public var ramDigestBeforeResume: String?
     public var error: String?
+    /// What the old instance decided differently from what was asked (gift refused by the
+    /// kernel, streamed by pipe copy), one line each; the CLI prints them as notices.
+    public var notices: [String] = []
 
     /// The stable one-line summary.
     public var line: String {
@@ -37,6 +40,8 @@ public struct UpgradeOptions: Sendable {
     public var binary: String
     public var transport = "auto"
     public var releaseSource = false
+    /// An explicit gift on a kernel that refuses SPLICE_F_GIFT rolls back instead of copying.
+    public var strict = false
     public var runDirectory: String = UpgradeOptions.defaultRunDirectory
     public var journalPath: String?
     public var readyTimeoutSeconds = 30.0
@@ -164,6 +169,8 @@ public final class UpgradeController {
         let ramDigestBeforeResume: String?
     }
 
+    struct PrepareReply: Decodable { let notices: [String]? }
+
     struct TransferOutcome: Decodable {
         struct Report: Decodable {
             struct Region: Decodable { let id: UInt32; let transport: String; let bytes: UInt64; let pages: String }
@@ -212,10 +219,11 @@ public final class UpgradeController {
             let agentSocket = "\(options.runDirectory)/agent-\(before.pid)-\(getpid()).sock"
             try startNewInstance(agentSocket: agentSocket, expectVCPUs: before.backend == "kvm" ? before.vcpus : nil)
             try log(.newInstanceReady)
-            try old.client.expectOK("PUT", "/api/v1/baton/handoff.prepare", json: [
-                "agent_socket": agentSocket, "transport": options.transport,
+            let prepareReply = try old.client.expectOK("PUT", "/api/v1/baton/handoff.prepare", json: [
+                "agent_socket": agentSocket, "transport": options.transport, "strict": options.strict,
                 "release_source": options.releaseSource, "stall_timeout_seconds": options.stallTimeoutSeconds,
             ])
+            report.notices = (try? prepareReply.decode(PrepareReply.self))?.notices ?? []
             prepared = true
             try log(.prepared)
             let pauseStart = Host.monotonicNanoseconds()

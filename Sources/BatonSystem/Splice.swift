@@ -59,3 +59,26 @@ extension Splice {
         return try withUnsafePointer(to: &v) { try vmsplice(pipe, UnsafeBufferPointer(start: $0, count: 1), flags: flags) }
     }
 }
+
+extension Splice {
+    /// Whether this kernel accepts `vmsplice(SPLICE_F_GIFT)`: one page gifted into a fresh pipe.
+    /// Kernels that dropped gifting (linux-next) answer EOPNOTSUPP; then gift cannot be used and
+    /// Baton streams by plain pipe copy instead. Goes through the same wrapper as the transfer,
+    /// so `BATON_SYSCALL_FAULTS=vmsplice=EOPNOTSUPP@*` exercises the refusal. Nil: refused
+    /// (with the error); otherwise accepted.
+    public static func giftRefusal() -> SyscallError? {
+        guard let pipe = try? Pipe() else { return nil }
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        guard let raw = mmap(nil, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), raw != MAP_FAILED else { return nil }
+        defer { munmap(raw, page) }
+        raw.storeBytes(of: 0x42, as: UInt8.self)
+        do {
+            _ = try vmsplice(pipe.writeEnd, base: raw, length: page, flags: [.gift, .nonBlocking])
+            return nil
+        } catch let e as SyscallError where e.errno == EOPNOTSUPP {
+            return e
+        } catch {
+            return nil  // anything else (EAGAIN, ENOMEM) says nothing about gifting itself
+        }
+    }
+}

@@ -29,6 +29,7 @@ public enum ErrnoName {
         EPIPE: "EPIPE", ERANGE: "ERANGE", ENOSYS: "ENOSYS", ENOTSOCK: "ENOTSOCK",
         ECONNREFUSED: "ECONNREFUSED", ECONNRESET: "ECONNRESET", ETIMEDOUT: "ETIMEDOUT",
         ENOTCONN: "ENOTCONN", EOVERFLOW: "EOVERFLOW", E2BIG: "E2BIG", ENOTTY: "ENOTTY",
+        EOPNOTSUPP: "EOPNOTSUPP", ENOBUFS: "ENOBUFS", ENFILE: "ENFILE",
     ]
 
     public static func of(_ code: Int32) -> String { table[code] ?? "E\(code)" }

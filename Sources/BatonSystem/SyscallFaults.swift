@@ -42,13 +42,20 @@ public final class SyscallFaults: Sendable {
     public static let environmentVariable = "BATON_SYSCALL_FAULTS"
     public static let shared: SyscallFaults = {
         let faults = SyscallFaults()
-        if let spec = getenv(environmentVariable).map({ String(cString: $0) }), !spec.isEmpty {
-            do { try faults.install(SyscallFaults.parse(spec)) } catch {
-                fatalError("\(environmentVariable): \(error)")
-            }
+        // A bad spec never crashes a process (it may hold a guest): the executables refuse it
+        // at start (`environmentProblem`); anything that gets here without that runs unfaulted.
+        if let spec = getenv(environmentVariable).map({ String(cString: $0) }), !spec.isEmpty, let rules = try? SyscallFaults.parse(spec) {
+            faults.install(rules)
         }
         return faults
     }()
+
+    /// What is wrong with `BATON_SYSCALL_FAULTS`, as one line, or nil if it is unset or valid.
+    /// `baton` and `batonvmm` check it before anything else and exit 64 with it.
+    public static var environmentProblem: String? {
+        guard let spec = getenv(environmentVariable).map({ String(cString: $0) }), !spec.isEmpty else { return nil }
+        do { _ = try parse(spec); return nil } catch { return "\(environmentVariable): \(error)" }
+    }
 
     private let state = Mutex(State())
     private let active = Atomic<Bool>(false)

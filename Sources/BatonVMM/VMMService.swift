@@ -68,6 +68,8 @@ public final class VMMService: @unchecked Sendable {
         let transport: String?
         let release_source: Bool?
         let stall_timeout_seconds: Double?
+        /// An explicit gift on a kernel that refuses SPLICE_F_GIFT: refuse instead of copying.
+        let strict: Bool?
     }
 
     struct TransferOutcome: Encodable {
@@ -181,6 +183,7 @@ public final class VMMService: @unchecked Sendable {
             options.transport = choice
         }
         options.releaseSource = request.release_source ?? false
+        options.strict = request.strict ?? false
         options.stallTimeoutSeconds = stall
         let stateBytes = Host.pageSize * ((64 << 10) / Host.pageSize + vm.config.vcpus * 8)
         let state = try MemoryMapping.memfd(name: "batonvmm-vcpu-state", length: stateBytes)
@@ -192,7 +195,8 @@ public final class VMMService: @unchecked Sendable {
         ]
         let connection = AgentConnection(socket: try UnixSocket.connect(path: request.agent_socket))
         prepared = try OldInstanceAgent(connection: connection, options: options).prepare(sources)
-        return .json(["transports": prepared!.transports.mapKeys { "\($0)" }])
+        struct Prepared: Encodable { let transports: [String: String]; let notices: [String] }
+        return .json(Prepared(transports: prepared!.transports.mapKeys { "\($0)" }, notices: prepared!.notices))
     }
 
     /// While a handoff is prepared, the vCPU state leaves this process at the pause itself:

@@ -1,3 +1,3 @@
 import BatonCLI
 
-BatonCommand.main()
+BatonCommand.start()

@@ -49,6 +49,38 @@ struct ErrnoInjectionTests {
         }
     }
 
+    @Test("a kernel that refuses SPLICE_F_GIFT: --transport gift streams by pipe copy with a notice, intact; --strict refuses before anything moves; auto never picks gift")
+    func giftRefused() throws {
+        let refuse = ["BATON_SYSCALL_FAULTS": "vmsplice=EOPNOTSUPP@*"]
+        let receiver = try ReceiverChild(seed: 1)
+        let sent = try BatonProcess(["agent", "send", "--socket", receiver.socket, "--size", "16MiB", "--transport", "gift"], environment: refuse).finish()
+        let received = receiver.finish()
+        #expect(sent.status == 0, "\(sent.stderr)")
+        #expect(sent.stderr.contains("baton: notice: gift: this kernel refuses vmsplice(SPLICE_F_GIFT) (EOPNOTSUPP); streaming by pipe copy instead"), "\(sent.stderr)")
+        let report = try #require(decodeReport(sent.stdout), "\(sent.stdout)")
+        #expect(report.regions.first?.transport == "pipe-copy")
+        #expect(report.verified && report.notices.count == 1)
+        let outcome = try #require(received.outcome)
+        #expect(outcome.committed && outcome.patternChecked && outcome.patternMismatchOffset == nil)
+
+        let strictReceiver = try ReceiverChild(seed: 1)
+        let strict = try BatonProcess(["agent", "send", "--socket", strictReceiver.socket, "--size", "16MiB", "--transport", "gift", "--strict"], environment: refuse).finish()
+        let abandoned = strictReceiver.finish()
+        #expect(strict.status == 3, "exit 3: refused before the pause, the old side keeps its memory: \(strict.stderr)")
+        #expect(strict.stderr.contains("region 0 cannot travel by gift: this kernel refuses vmsplice(SPLICE_F_GIFT)") && strict.stderr.contains("--strict"), "\(strict.stderr)")
+        #expect(abandoned.status != 0 && abandoned.outcome?.committed != true, "the receiver must not commit: \(abandoned.stderr)")
+
+        // auto, anonymous memory, a sender told gift is fastest: it still streams by pipe copy.
+        var options = HandoffOptions()
+        options.transport = .auto
+        options.autoStreamTransport = .gift
+        let region = try patternedRegion(bytes: 1 << 20, memfd: false, seed: 2)
+        let refusal = SyscallError("vmsplice", errno: EOPNOTSUPP)
+        let chosen = try OldInstanceAgent.chooseTransports([region], options: options, agreed: .all, giftRefusal: refusal)
+        #expect(chosen.kinds[0] == .pipeCopy && chosen.notices.isEmpty)
+        #expect(try OldInstanceAgent.chooseTransports([region], options: options, agreed: .all).kinds[0] == .gift)
+    }
+
     @Test("refused pipe sizes fall back by halving and are reported")
     func pipeSizeRefused() throws {
         let receiver = try ReceiverChild(seed: 1)
