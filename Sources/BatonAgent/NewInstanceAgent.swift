@@ -175,7 +175,7 @@ public final class NewInstanceAgent {
                 // Already mapped from the table's descriptor: it must be the very same file.
                 let a = try early.status(), b = try descriptors[Int(t.descriptorIndex)].status()
                 guard a.st_ino == b.st_ino && a.st_dev == b.st_dev && t.descriptorOffset == 0 else {
-                    throw TransferError.descriptorMissing(regionID: region.id, index: t.descriptorIndex)
+                    throw TransferError.descriptorMismatch(regionID: region.id, index: t.descriptorIndex)
                 }
                 continue
             }

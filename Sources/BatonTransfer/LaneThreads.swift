@@ -59,7 +59,9 @@ public final class LaneJob: @unchecked Sendable {
             for t in threads { pthread_join(t, nil) }
             joined = true
         }
-        if let e = jobs.compactMap(\.error).first { throw e }
+        // The cause, not a lane that stopped because of it.
+        let errors = jobs.compactMap(\.error)
+        if let cause = errors.first(where: { if case TransferError.cancelled = $0 { false } else { true } }) ?? errors.first { throw cause }
     }
 
     deinit { if !joined { for t in threads { pthread_join(t, nil) } } }

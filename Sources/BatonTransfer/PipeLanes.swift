@@ -63,7 +63,7 @@ public struct PipeLaneSender {
             try beforeChunk?(chunk, sum)
             var cursor = IOVecCursor(segments: [(start, Int(chunk.length))])
             while !cursor.isDone {
-                if control.isCancelled { throw TransferError.cancelled }
+                if control.isCancelled { throw TransferError.cancelled(at: "lane \(lane) sending region \(chunk.regionID) offset 0x\(String(chunk.offset + UInt64(cursor.consumed), radix: 16))") }
                 do {
                     _ = try cursor.advance { iov in
                         if gift {
@@ -135,7 +135,7 @@ public struct PipeLaneReceiver {
             }
             var cursor = IOVecCursor(segments: [(start, Int(chunk.length))])
             while !cursor.isDone {
-                if control.isCancelled { throw TransferError.cancelled }
+                if control.isCancelled { throw TransferError.cancelled(at: "lane \(lane) receiving region \(chunk.regionID) offset 0x\(String(chunk.offset + UInt64(cursor.consumed), radix: 16))") }
                 do {
                     let n = try cursor.advance { iov in
                         if gift {

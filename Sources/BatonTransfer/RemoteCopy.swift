@@ -17,7 +17,7 @@ public struct RemoteLaneReader {
 
     public func receive(_ chunks: [Chunk], sourceAddresses: [UInt32: UInt64], destinations: [UInt32: DestinationRegion], checksums: ChunkChecksums) throws {
         for chunk in chunks {
-            if control.isCancelled { throw TransferError.cancelled }
+            if control.isCancelled { throw TransferError.cancelled(at: "process_vm_readv of region \(chunk.regionID) offset 0x\(String(chunk.offset, radix: 16))") }
             guard let dest = destinations[chunk.regionID], let remoteBase = sourceAddresses[chunk.regionID] else {
                 throw TransferError.destinationMissing(regionID: chunk.regionID)
             }

@@ -36,7 +36,7 @@ public final class TransferControl: @unchecked Sendable {
         var waited: Int32 = 0
         let slice: Int32 = 100
         while true {
-            if isCancelled { throw TransferError.cancelled }
+            if isCancelled { throw TransferError.cancelled(at: what()) }
             if try fd.wait(for: events, timeoutMilliseconds: slice) { return }
             if let peerSocket, try peerSocket.wait(for: Int16(POLLIN), timeoutMilliseconds: 0) {
                 throw TransferError.peerStopped(while: what())
@@ -50,25 +50,30 @@ public final class TransferControl: @unchecked Sendable {
 }
 
 public enum TransferError: Error, CustomStringConvertible, Equatable {
-    case cancelled
+    /// This lane stopped because another lane (or the agent) failed first; `at` says where
+    /// this lane was. Never the reason a transfer failed: LaneJob reports the first other error.
+    case cancelled(at: String)
     case stalled(what: String, seconds: Double)
     case pipeClosedEarly(lane: Int, regionID: UInt32, offset: UInt64, received: UInt64, expected: UInt64)
     case syscall(SyscallError, regionID: UInt32, offset: UInt64)
     case destinationMissing(regionID: UInt32)
     case descriptorMissing(regionID: UInt32, index: Int32)
+    case descriptorMismatch(regionID: UInt32, index: Int32)
     case memfdTooSmall(regionID: UInt32, size: Int, needed: Int)
     case injected(String)
     case peerStopped(while: String)
 
     public var description: String {
         switch self {
-        case .cancelled: "transfer cancelled"
+        case .cancelled(let at): "stopped after another lane failed (this one was at \(at))"
         case .stalled(let what, let s): "peer stalled: no progress on \(what) for \(s) s"
         case let .pipeClosedEarly(lane, region, offset, received, expected):
             "pipe of lane \(lane) closed early: region \(region) offset 0x\(String(offset, radix: 16)) got \(received) of \(expected) bytes"
         case let .syscall(e, region, offset): "\(e) (region \(region) offset 0x\(String(offset, radix: 16)))"
         case .destinationMissing(let id): "no destination mapping for region \(id)"
         case let .descriptorMissing(id, index): "memfd region \(id) refers to descriptor \(index), which did not arrive"
+        case let .descriptorMismatch(id, index):
+            "memfd region \(id): descriptor \(index) on transferBegin is not the memfd announced with the region table (another file, or an offset)"
         case let .memfdTooSmall(id, size, needed): "memfd of region \(id) holds \(size) bytes, region needs \(needed)"
         case .injected(let what): "injected fault: \(what)"
         case .peerStopped(let what): "the peer stopped (wrote or hung up on the agent socket) while waiting on \(what)"

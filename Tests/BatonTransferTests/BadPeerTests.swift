@@ -37,6 +37,35 @@ struct BadPeerTests {
 
     let hello = Message.hello(version: ProtocolVersion.current, oldestVersion: 1, pageSize: UInt32(Host.pageSize), capabilities: .all).encoded()
 
+    @Test("a memfd on transferBegin that is not the one announced with the region table is named as such")
+    func memfdSwapped() throws {
+        let (ours, theirs) = try UnixSocket.pair()
+        let box = Box()
+        let job = try LaneJob(lanes: 1, pin: false) { _ in
+            let agent = NewInstanceAgent(connection: AgentConnection(socket: theirs), stallTimeoutSeconds: 3)
+            do { _ = try agent.receive() } catch { box.error = error }
+        }
+        let peer = AgentConnection(socket: ours, faults: FaultPlan())
+        try peer.send(.hello(version: ProtocolVersion.current, oldestVersion: 1, pageSize: UInt32(Host.pageSize), capabilities: .all))
+        _ = try peer.receive(whileIn: "awaiting welcome")
+        let page = Host.pageSize
+        let announced = try MemoryMapping.memfd(name: "announced", length: page), other = try MemoryMapping.memfd(name: "other", length: page)
+        let table = try RegionTable([GuestRegion(id: 0, guestAddress: 0, length: UInt64(page), flags: [.fileBacked, .arrivesAsDescriptor])], pageSize: PageSize(page))
+        try peer.send(.regionTable(table), descriptors: [announced.backing!])
+        _ = try peer.receive(whileIn: "awaiting regionsReady")
+        try peer.send(.transferBegin(TransferBegin(lanes: 1, chunkSize: UInt32(page), pipeCapacity: 0, sourcePID: getpid(), fullVerification: false,
+                                                   regions: [RegionTransfer(regionID: 0, transport: .memfd, descriptorIndex: 0)], descriptorCount: 1)),
+                      descriptors: [other.backing!])
+        var failure: String?
+        while failure == nil {
+            do { _ = try peer.receive(whileIn: "test") } catch ProtocolError.peerFailed(_, let m) { failure = m } catch { break }
+        }
+        try job.wait()
+        let error = "\(box.error.map { "\($0)" } ?? "no error")"
+        #expect(error.contains("memfd region 0: descriptor 0 on transferBegin is not the memfd announced with the region table"), "\(error)")
+        #expect(failure?.contains("not the memfd announced") == true, "the peer is told: \(failure ?? "nothing")")
+    }
+
     @Test("a peer speaking another protocol version")
     func otherVersion() throws {
         let (error, failure) = try feed([Message.hello(version: 9, oldestVersion: 9, pageSize: 4096, capabilities: .all).encoded(version: 9)])
