@@ -69,7 +69,7 @@ let package = Package(
             "BatonVMM", "BatonCore", "BatonSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
+        .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore", "BatonTestSupport"]),
         .testTarget(name: "BatonConfigurationTests", dependencies: ["BatonConfiguration", "baton"]),
         .testTarget(name: "BatonVMMTests", dependencies: [
             "BatonVMM", "BatonController", "BatonHarness", "BatonLibvirt", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",

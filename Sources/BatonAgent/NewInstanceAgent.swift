@@ -133,8 +133,14 @@ public final class NewInstanceAgent {
                 expected[first + i] = s
                 if let verdict = verifier?.expect(first + i, s) { try confirm(verdict) }
             }
-        case .noteTransferEnd:
-            break
+        case let .noteTransferEnd(chunkCount, bytes):
+            // Both sides derived the same plan; a sender that counts otherwise planned otherwise.
+            if let plan, chunkCount != plan.chunks.count {
+                throw ProtocolError.invalidField(command: "transferEnd", field: "chunk count", value: "\(chunkCount) (the plan has \(plan.chunks.count) chunks)")
+            }
+            if case let .receiving(_, table, _) = state, bytes != table.totalBytes {
+                throw ProtocolError.invalidField(command: "transferEnd", field: "bytes", value: "\(bytes) (the region table holds \(table.totalBytes))")
+            }
         case .verify(let digests):
             let mismatch = try verify(digests)
             try connection.send(.verifyResult(mismatch: mismatch, frames: mismatch == nil ? try sampleFrames() : []))

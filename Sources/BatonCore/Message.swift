@@ -1,10 +1,19 @@
-/// Wire version rule: the header carries the sender's protocol version. A new instance
-/// accepts the current version and the one before it (upgrades go old → new); anything
-/// else is refused at `hello`. Bump `current` when a message's layout changes.
+/// Wire version rule: `hello` offers the sender's range (current and oldest); the receiver
+/// answers with the highest version both speak (it speaks its current and the one before it)
+/// or refuses; every later header carries that version. `hello`, `welcome` and `failure` never
+/// change layout. Bump `current` when another message's layout changes.
 public enum ProtocolVersion {
     public static let current: UInt16 = 1
     public static let oldestAccepted: UInt16 = max(1, current - 1)
     public static var accepted: ClosedRange<UInt16> { oldestAccepted...current }
+
+    /// The session version for a peer that speaks `peerOldest...peerCurrent`: the highest
+    /// version both sides speak, or nil if the ranges do not meet.
+    public static func negotiate(peerCurrent: UInt16, peerOldest: UInt16) -> UInt16? {
+        guard peerOldest <= peerCurrent else { return nil }
+        let version = min(peerCurrent, current)
+        return version >= max(peerOldest, oldestAccepted) ? version : nil
+    }
 }
 
 /// Command codes (u16 on the wire). Never renumber; add new ones at the end.

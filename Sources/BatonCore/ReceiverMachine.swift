@@ -72,9 +72,10 @@ public struct ReceiverMachine: Sendable {
             return (.abandoned(reason: reason), .discard(reason: reason))
         }
         switch (state, message) {
-        case let (.awaitingHello, .hello(version, _, peerPageSize, caps)):
-            guard ProtocolVersion.accepted.contains(version) else {
-                throw .unsupportedVersion(peer: version, accepted: ProtocolVersion.accepted)
+        case let (.awaitingHello, .hello(peerVersion, peerOldest, peerPageSize, caps)):
+            // The highest version both sides speak: a newer sender that still speaks ours gets ours.
+            guard let version = ProtocolVersion.negotiate(peerCurrent: peerVersion, peerOldest: peerOldest) else {
+                throw .unsupportedVersion(peer: peerVersion, accepted: ProtocolVersion.accepted)
             }
             guard Int(peerPageSize) == pageSize.bytes else {
                 throw .invalidField(command: "hello", field: "page size", value: "\(peerPageSize) (this side uses \(pageSize.bytes))")
