@@ -59,10 +59,11 @@ struct ServeCommand: ParsableCommand {
             return handler
         }
         let log = Logger(label: "baton.serve")
-        for dir in [(socket as NSString).deletingLastPathComponent, state] {
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-            chmod(dir, 0o700)
-        }
+        do {
+            // The socket's directory may be a shared one (/tmp): used as it is, never changed.
+            try PrivateDirectory.make((socket as NSString).deletingLastPathComponent, requireOwnership: false)
+            try PrivateDirectory.make(state)
+        } catch { throw fail("\(error)", .failure) }
         try ServiceLock.take(in: state)
 
         // Upgrades a dead controller (an earlier service, a CLI) left half-way are finished

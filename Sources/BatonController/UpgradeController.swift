@@ -193,8 +193,9 @@ public final class UpgradeController {
 
     public func run() throws -> UpgradeReport {
         if options.inPlace { return try runInPlace() }
-        try FileManager.default.createDirectory(atPath: options.runDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
-        chmod(options.runDirectory, 0o700)
+        do { try PrivateDirectory.make(options.runDirectory) } catch {
+            throw UpgradeFailure(description: "run directory \(error); nothing was changed", report: report)
+        }
         journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-\(getpid()).jsonl")
         // Preflight: nothing is started or paused until these hold.
         guard access(options.binary, X_OK) == 0 else {

@@ -36,7 +36,8 @@ public final class UpgradeJournal: @unchecked Sendable {
 
     public init(path: String) throws {
         self.path = path
-        fd = try checkedCall("open(\(path))") { open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) }
+        // O_NOFOLLOW: a link planted at the journal's path must not make Baton append elsewhere.
+        fd = try checkedCall("open(\(path))") { open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0o600) }
     }
 
     deinit { close(fd) }

@@ -44,19 +44,11 @@ public struct QEMUProbe: Sendable {
 }
 
 enum QEMUHost {
-    /// A directory only this user can use: created 0700 if missing; an existing one must be a
-    /// real directory (not a link) owned by this user. Its mode is never changed.
+    /// The run directory, made or checked by PrivateDirectory; a refusal is a preflight refusal.
     static func makePrivateDirectory(_ path: String) throws {
-        var st = stat()
-        if lstat(path, &st) == 0 {
-            guard (st.st_mode & S_IFMT) == S_IFDIR, st.st_uid == getuid() else {
-                throw QEMUUpgradeError.refused("run directory \(path) is not a directory owned by uid \(getuid())")
-            }
-            return
+        do { try PrivateDirectory.make(path) } catch let e as PrivateDirectory.Refused {
+            throw QEMUUpgradeError.refused("run directory \(e)")
         }
-        let parent = (path as NSString).deletingLastPathComponent
-        if !parent.isEmpty, parent != path, lstat(parent, &st) != 0 { try makePrivateDirectory(parent) }
-        guard mkdir(path, 0o700) == 0 || errno == EEXIST else { throw SyscallError("mkdir(\(path))", errno: errno) }
     }
 
     /// An exclusive lock on `dir/qemu-upgrade.lock`, or a refusal naming who holds it.

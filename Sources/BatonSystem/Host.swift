@@ -21,9 +21,8 @@ public enum Host {
     /// Appends `line` to a log-like file (created 0600, its directory 0700), atomically with
     /// respect to other appenders (O_APPEND). Best effort: a log line never fails its caller.
     public static func appendLine(_ line: String, to path: String) {
-        try? FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true,
-                                                 attributes: [.posixPermissions: 0o700])
-        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        try? PrivateDirectory.make((path as NSString).deletingLastPathComponent)
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0o600)
         guard fd >= 0 else { return }
         _ = line.withCString { write(fd, $0, strlen($0)) }
         close(fd)

@@ -1,4 +1,5 @@
 import BatonSystem
+import Foundation
 import Glibc
 import Testing
 
@@ -38,7 +39,7 @@ struct SystemTests {
     @Test("descriptors travel over a Unix socket with SCM_RIGHTS and stay usable")
     func descriptorPassing() throws {
         let (a, b) = try UnixSocket.pair()
-        let pipe = try Pipe()
+        let pipe = try BatonSystem.Pipe()
         try a.send([1, 2, 3], descriptors: [pipe.writeEnd.raw])
         let got = try b.receive(count: 3)
         #expect(got.bytes == [1, 2, 3])
@@ -59,7 +60,7 @@ struct SystemTests {
 
     @Test("a pipe grows to what the host allows and reports queued bytes")
     func pipeCapacity() throws {
-        let pipe = try Pipe()
+        let pipe = try BatonSystem.Pipe()
         let maxSize = Int(Host.readSmallFile("/proc/sys/fs/pipe-max-size")!.filter(\.isNumber))!
         let outcome = try pipe.resize(toAtMost: maxSize * 4)
         #expect(outcome.granted == maxSize, "above pipe-max-size the kernel refuses (EPERM) and we halve to it")
@@ -96,5 +97,50 @@ struct SystemTests {
         try client.send([7])
         #expect(try server.receive(count: 1).bytes == [7])
         #expect(throws: SyscallError.self) { try UnixSocket.connect(path: "/tmp/baton-no-such-\(getpid()).sock") }
+    }
+}
+
+@Suite("Private directories")
+struct PrivateDirectoryTests {
+    func scratch() throws -> String {
+        let dir = "/tmp/baton-privdir-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try PrivateDirectory.make(dir)
+        return dir
+    }
+
+    func mode(_ path: String) -> mode_t {
+        var st = stat()
+        return lstat(path, &st) == 0 ? st.st_mode & 0o7777 : 0
+    }
+
+    @Test("missing directories are made 0700, parents too")
+    func makes() throws {
+        let base = try scratch()
+        defer { _ = try? FileManager.default.removeItem(atPath: base) }
+        #expect(mode(base) == 0o700)
+        try PrivateDirectory.make(base + "/a/b")
+        #expect(mode(base + "/a") == 0o700 && mode(base + "/a/b") == 0o700)
+    }
+
+    @Test("an existing shared directory keeps its mode (sticky bit and all); a link or another user's directory is refused")
+    func existing() throws {
+        let base = try scratch()
+        defer { _ = try? FileManager.default.removeItem(atPath: base) }
+        let shared = base + "/shared"
+        mkdir(shared, 0o777)
+        chmod(shared, 0o1777)
+        try PrivateDirectory.make(shared)
+        #expect(mode(shared) == 0o1777, "the mode of a directory Baton did not make was changed")
+        let link = base + "/link"
+        symlink(shared, link)
+        #expect(throws: PrivateDirectory.Refused(path: link, reason: "is a symbolic link")) { try PrivateDirectory.make(link) }
+        if geteuid() == 0 {
+            let foreign = base + "/foreign"
+            mkdir(foreign, 0o700)
+            chown(foreign, 65534, 65534)
+            #expect(throws: PrivateDirectory.Refused(path: foreign, reason: "is owned by uid 65534, not uid 0")) { try PrivateDirectory.make(foreign) }
+            try PrivateDirectory.make(foreign, requireOwnership: false)  // a socket's shared directory: used as it is
+            #expect(mode(foreign) == 0o700)
+        }
     }
 }
