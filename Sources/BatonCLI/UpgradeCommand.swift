@@ -163,6 +163,7 @@ struct UpgradeCommand: ParsableCommand {
         options.stallTimeoutSeconds = file.stallTimeoutSeconds
         options.journalPath = journal
         options.runDirectory = runDirectory
+        options.fault = try controllerFault()
         do {
             let report = try UpgradeController(options: options).run()
             record.generation += 1
@@ -191,11 +192,15 @@ extension UpgradeCommand {
         options.allowCopy = allowCopy
         options.timeoutSeconds = timeout
         options.maxPauseMs = maxPauseMs
-        if let text = ProcessInfo.processInfo.environment["BATON_CONTROLLER_FAULT"] {
-            guard let fault = ControllerFault(parsing: text) else { throw fail("BATON_CONTROLLER_FAULT: '\(text)' is not ACTION:PHASE", .usage) }
-            options.fault = fault
-        }
+        options.fault = try controllerFault()
         return options
+    }
+
+    /// BATON_CONTROLLER_FAULT (the fault matrices), for both hypervisors.
+    func controllerFault() throws -> ControllerFault? {
+        guard let text = ProcessInfo.processInfo.environment["BATON_CONTROLLER_FAULT"] else { return nil }
+        guard let fault = ControllerFault(parsing: text) else { throw fail("BATON_CONTROLLER_FAULT: '\(text)' is not ACTION:PHASE", .usage) }
+        return fault
     }
 
     /// The new QEMU for `domain`: --binary, or the binary installed at its emulator path.

@@ -10,6 +10,8 @@ public final class BatonService: @unchecked Sendable {
     public let stateDirectory: String
     let lock = NSLock()
     var inFlight: [String: Date] = [:]
+    /// What `status` shows for an in-flight key (the VM's socket as the request spelled it).
+    var inFlightNames: [String: String] = [:]
     var completed = 0
     var failures = 0
     var rollbacks = 0
@@ -111,17 +113,20 @@ public final class BatonService: @unchecked Sendable {
         guard let vm = request["vm"] as? String, let binary = request["binary"] as? String else {
             return ["ok": false, "error": "upgrade needs \"vm\" (control socket) and \"binary\""]
         }
+        // Keyed by the VM's real identity: `vm.sock` and `./vm.sock` are one VM.
+        let key = VMLock.identity(of: vm).map { "vm:" + $0 } ?? vm
         lock.lock()
-        if let since = inFlight[vm] {
+        if let since = inFlight[key] {
             refused += 1
             lock.unlock()
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: .refused, mode: request["transport"] as? String ?? "auto", downtimeMs: nil)
             return ["ok": false, "refused": "an upgrade of \(vm) is already running (since \(ISO8601DateFormatter().string(from: since))); one at a time per VM"]
         }
-        inFlight[vm] = Date()
+        inFlight[key] = Date()
+        inFlightNames[key] = vm
         BatonMetrics.inFlight(inFlight.count)
         lock.unlock()
-        defer { lock.lock(); inFlight[vm] = nil; BatonMetrics.inFlight(inFlight.count); lock.unlock() }
+        defer { lock.lock(); inFlight[key] = nil; inFlightNames[key] = nil; BatonMetrics.inFlight(inFlight.count); lock.unlock() }
         BatonMetrics.started(hypervisor: "batonvmm")
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
         options.transport = request["transport"] as? String ?? "auto"
@@ -138,6 +143,11 @@ public final class BatonService: @unchecked Sendable {
             lock.lock(); completed += 1; lock.unlock()
             logUpgrade(report, outcome: "upgraded")
             return ["ok": true, "line": report.line, "report": encode(report)]
+        } catch let failure as UpgradeFailure where failure.refused {
+            // A `baton upgrade` outside the service holds the VM.
+            lock.lock(); refused += 1; lock.unlock()
+            BatonMetrics.ended(hypervisor: "batonvmm", outcome: .refused, mode: options.transport, downtimeMs: nil)
+            return ["ok": false, "refused": failure.description]
         } catch let failure as UpgradeFailure {
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: failure.report.rolledBack ? .rolledBack : .failed, mode: failure.report.transport, downtimeMs: nil)
             lock.lock()
@@ -179,7 +189,7 @@ public final class BatonService: @unchecked Sendable {
     public func status() -> [String: Any] {
         lock.lock(); defer { lock.unlock() }
         return ["ok": true, "pid": Int(getpid()), "uptimeSeconds": Int(Date().timeIntervalSince(started)),
-                "inFlight": inFlight.keys.sorted(), "completed": completed, "failed": failures,
+                "inFlight": inFlight.keys.map { inFlightNames[$0] ?? $0 }.sorted(), "completed": completed, "failed": failures,
                 "rolledBack": rollbacks, "refused": refused, "domains": domains]
     }
 

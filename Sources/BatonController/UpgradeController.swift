@@ -138,6 +138,8 @@ public struct ControllerCrashed: Error, CustomStringConvertible {
 public struct UpgradeFailure: Error, CustomStringConvertible {
     public let description: String
     public let report: UpgradeReport
+    /// Nothing was started or changed: another upgrade of the same VM holds it.
+    public var refused = false
 }
 
 /// The in-place upgrade of one reference-VMM guest. Before `committing` is journaled, every
@@ -153,6 +155,13 @@ public final class UpgradeController {
     var childPid: pid_t?
 
     public init(options: UpgradeOptions) {
+        var options = options
+        // The socket's real path: a new instance must listen where the VM's socket really is,
+        // not replace a symlink that names it.
+        if let real = realpath(options.vmSocket, nil) {
+            options.vmSocket = String(cString: real)
+            free(real)
+        }
         self.options = options
         old = VMMSocketControl(socketPath: options.vmSocket)
         control = options.control ?? old
@@ -192,6 +201,14 @@ public final class UpgradeController {
     }
 
     public func run() throws -> UpgradeReport {
+        // One upgrade per VM (its socket's real identity), whoever runs it: CLI or service.
+        let lock: Int32
+        do { lock = try VMLock.acquire(vmSocket: options.vmSocket) } catch let held as VMLock.Held {
+            throw UpgradeFailure(description: "refused: \(held)", report: report, refused: true)
+        } catch {
+            throw UpgradeFailure(description: "cannot reach the VM at \(options.vmSocket): \(error)", report: report)
+        }
+        defer { close(lock) }
         if options.inPlace { return try runInPlace() }
         do { try PrivateDirectory.make(options.runDirectory) } catch {
             throw UpgradeFailure(description: "run directory \(error); nothing was changed", report: report)

@@ -56,6 +56,33 @@ struct UpgradeTests {
         }
     }
 
+    @Test("two upgrades of one VM at once, named two ways (path and symlink): one runs, the other is refused at once with the holder; the guest ends on one instance")
+    func oneUpgradePerVM() throws {
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let next = try newBinary(in: vmm.directory)
+        let alias = vmm.directory + "/alias.sock"
+        symlink(vmm.socket, alias)
+        // The first holds the VM for 2 s after `prepared` (a stall fault), so the second overlaps it.
+        let first = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--transport", "memfd", "--run-directory", vmm.directory + "/run1"],
+                                     environment: ["BATON_CONTROLLER_FAULT": "stall-after:prepared"])
+        var preparing = false
+        for _ in 0..<400 where !preparing {
+            let journal = vmm.directory + "/run1/journal-\(first.pid).jsonl"
+            preparing = (try? String(contentsOfFile: journal, encoding: .utf8))?.contains("\"prepared\"") == true
+            if !preparing { usleep(10_000) }
+        }
+        #expect(preparing, "the first upgrade never journaled `prepared`")
+        let second = try BatonProcess(["upgrade", "--vm", alias, "--binary", next, "--transport", "memfd", "--run-directory", vmm.directory + "/run2"]).finish()
+        #expect(second.status == 1, "\(second.stderr)")
+        // Named by its real path, whichever way the command spelled it.
+        #expect(second.stderr.contains("refused: another upgrade of \(vmm.socket) is running (pid \(first.pid))"), "\(second.stderr)")
+        let done = first.finish()
+        #expect(done.status == 0, "\(done.stderr)")
+        #expect(try vmm.status().state == "Running")
+        _ = try vmm.beat()
+    }
+
     @Test("a missing new binary is refused before anything is paused")
     func missingBinary() throws {
         let vmm = try RunningVMM(simulated: true)
