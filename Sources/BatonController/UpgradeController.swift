@@ -25,6 +25,8 @@ public struct UpgradeReport: Codable, Sendable {
     /// What the old instance decided differently from what was asked (gift refused by the
     /// kernel, streamed by pipe copy), one line each; the CLI prints them as notices.
     public var notices: [String] = []
+    /// A journal write that failed after the point of no return (the upgrade went on).
+    public var journalError: String?
 
     /// The stable one-line summary.
     public var line: String {
@@ -193,10 +195,19 @@ public final class UpgradeController {
         let ramDigestAtPause: String?
     }
 
+    /// Journals `phase`. Up to and including `committing` a failed write throws, so the upgrade
+    /// rolls back before the point of no return (recovery could not know otherwise). After it
+    /// the upgrade must go on: the failure is kept in the report and the journal's last
+    /// durable word stays `committing`, which recovery finishes forward.
     func log(_ phase: UpgradeJournal.Phase, note: String? = nil) throws {
         let durable = ![.paused, .transferred].contains(phase)  // informational, and inside the pause
-        try? journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
-                                   oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note), durable: durable)
+        let beforeNoReturn = ![.committed, .resumed, .done, .adopted].contains(phase)
+        do {
+            try journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
+                                      oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note), durable: durable)
+        } catch where !beforeNoReturn {
+            report.journalError = "journal \(journal?.path ?? ""): \(phase.rawValue) not recorded: \(error)"
+        }
         try options.fault?.fire(at: phase, newPid: report.newPid, oldPid: report.oldPid, journalPath: journal?.path ?? "")
     }
 
@@ -213,7 +224,13 @@ public final class UpgradeController {
         do { try PrivateDirectory.make(options.runDirectory) } catch {
             throw UpgradeFailure(description: "run directory \(error); nothing was changed", report: report)
         }
-        journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-\(getpid()).jsonl")
+        // One journal per upgrade: a fresh file by default (pids are reused), and a given one
+        // only if it holds no unfinished upgrade.
+        do {
+            journal = try UpgradeJournal.forNewUpgrade(path: options.journalPath ?? "\(options.runDirectory)/journal-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")
+        } catch {
+            throw UpgradeFailure(description: "\(error)", report: report, refused: true)
+        }
         // Preflight: nothing is started or paused until these hold.
         guard access(options.binary, X_OK) == 0 else {
             throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report)

@@ -51,12 +51,37 @@ public final class UpgradeJournal: @unchecked Sendable {
         if durable { _ = try checkedCall("fsync(\(path))") { fsync(fd) } }
     }
 
+    /// The entries of the journal's last upgrade (from its last `started` on): a path used again
+    /// never lets an earlier upgrade's entries decide a later one's recovery.
     public static func read(path: String) throws -> [Entry] {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw VMMClient.Failure(description: "journal \(path) cannot be read")
         }
-        return String(decoding: data, as: UTF8.self).split(separator: "\n").compactMap {
+        let all = String(decoding: data, as: UTF8.self).split(separator: "\n").compactMap {
             try? JSONDecoder().decode(Entry.self, from: Data($0.utf8))  // a torn last line is ignored
+        }
+        guard let start = all.lastIndex(where: { $0.phase == .started }) else { return all }
+        return Array(all[start...])
+    }
+
+    /// The journal of a new upgrade at `path`. Refused if the file holds an upgrade that never
+    /// finished: its recovery comes first (a new upgrade would hide it).
+    public static func forNewUpgrade(path: String) throws -> UpgradeJournal {
+        if FileManager.default.fileExists(atPath: path), let entries = try? read(path: path), let last = entries.last {
+            let phases = Set(entries.map(\.phase))
+            if !phases.contains(.done) && !phases.contains(.rolledBack) {
+                throw UnfinishedJournal(path: path, vm: last.vm, phase: last.phase)
+            }
+        }
+        return try UpgradeJournal(path: path)
+    }
+
+    public struct UnfinishedJournal: Error, CustomStringConvertible {
+        public let path: String
+        public let vm: String
+        public let phase: Phase
+        public var description: String {
+            "journal \(path) holds an unfinished upgrade of \(vm) (last phase \(phase.rawValue)): finish it with `baton recover --journal \(path)` first; nothing was changed"
         }
     }
 }

@@ -258,7 +258,11 @@ public final class QEMUUpgrade: @unchecked Sendable {
     /// Preflight, then the journal (one per upgrade) and its first entry. Nothing is paused.
     func begin() throws {
         try preflight()
-        journal = try UpgradeJournal(path: options.journalPath ?? "\(options.runDirectory)/journal-qemu-\(record.domain)-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")
+        do {
+            journal = try UpgradeJournal.forNewUpgrade(path: options.journalPath ?? "\(options.runDirectory)/journal-qemu-\(record.domain)-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")
+        } catch let e as UpgradeJournal.UnfinishedJournal {
+            throw QEMUUpgradeError.refused("\(e)")
+        }
         try log(.started)
     }
 

@@ -64,11 +64,11 @@ struct UpgradeTests {
         let alias = vmm.directory + "/alias.sock"
         symlink(vmm.socket, alias)
         // The first holds the VM for 2 s after `prepared` (a stall fault), so the second overlaps it.
-        let first = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--transport", "memfd", "--run-directory", vmm.directory + "/run1"],
+        let journal = vmm.directory + "/first.jsonl"
+        let first = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--transport", "memfd", "--run-directory", vmm.directory + "/run1", "--journal", journal],
                                      environment: ["BATON_CONTROLLER_FAULT": "stall-after:prepared"])
         var preparing = false
         for _ in 0..<400 where !preparing {
-            let journal = vmm.directory + "/run1/journal-\(first.pid).jsonl"
             preparing = (try? String(contentsOfFile: journal, encoding: .utf8))?.contains("\"prepared\"") == true
             if !preparing { usleep(10_000) }
         }
@@ -144,6 +144,53 @@ struct RecoveryTests {
         let before = try vmm.beat()
         expectMatchesModel(try vmm.beat(after: before.counter))
         #expect(try UpgradeRecovery.recover(journalPath: path).result == .nothingToDo)
+    }
+
+    @Test("a journal path used again: only its last upgrade decides recovery; a new upgrade refuses a journal left unfinished")
+    func oneJournalPerUpgrade() throws {
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let oldPid = try vmm.status().pid
+        let path = vmm.directory + "/journal.jsonl"
+        let journal = try UpgradeJournal(path: path)
+        // An earlier upgrade that finished, then one interrupted inside the pause.
+        for phase in [UpgradeJournal.Phase.started, .prepared, .paused, .committing, .committed, .done] {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: vmm.socket, oldPid: 1, newPid: oldPid))
+        }
+        try vmm.client.expectOK("PUT", "/api/v1/vm.pause")
+        for phase in [UpgradeJournal.Phase.started, .newInstanceReady, .prepared, .paused] {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: vmm.socket, oldPid: oldPid, newPid: nil))
+        }
+        let next = vmm.directory + "/batonvmm-next"
+        try Executable.copy(from: batonvmmPath, to: next)
+        let refused = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--journal", path]).finish()
+        #expect(refused.status == 1 && refused.stderr.contains("holds an unfinished upgrade of \(vmm.socket) (last phase paused)"), "\(refused.stderr)")
+        #expect(try vmm.status().state == "Paused", "a refused upgrade touches nothing")
+        let outcome = try UpgradeRecovery.recover(journalPath: path)
+        #expect(outcome.result == .rolledBack, "the earlier upgrade's `done` must not decide: \(outcome)")
+        #expect(try vmm.status().state == "Running")
+        // Finished now: the same path takes a new upgrade.
+        let again = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--journal", path, "--transport", "memfd"]).finish()
+        #expect(again.status == 0, "\(again.stderr)")
+    }
+
+    @Test("the journal cannot make `committing` durable: the upgrade rolls back before the point of no return")
+    func journalFailureBeforeCommit() throws {
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let oldPid = try vmm.status().pid
+        let next = vmm.directory + "/batonvmm-next"
+        try Executable.copy(from: batonvmmPath, to: next)
+        let path = vmm.directory + "/journal.jsonl"
+        // Durable writes: started, newInstanceReady, prepared, then committing (the 4th fsync).
+        let r = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--journal", path, "--transport", "memfd"],
+                                 environment: ["BATON_SYSCALL_FAULTS": "fsync(\(path))=EIO@4"]).finish()
+        #expect(r.status == 3, "\(r.stderr)")
+        #expect(r.stderr.contains("fsync(\(path))") && r.stderr.contains("EIO") && r.stderr.contains("rolled back"), "\(r.stderr)")
+        let status = try vmm.status()
+        #expect(status.pid == oldPid && status.state == "Running", "the old instance keeps the guest")
+        #expect(try UpgradeJournal.read(path: path).last?.phase == .rolledBack)
+        _ = try vmm.beat()
     }
 
     @Test("a journal past commit rolls forward: the old instance must not survive")
