@@ -175,6 +175,7 @@ public final class UpgradeController {
         let state: String
         let startedAtMonotonicNs: UInt64
         let ramBytes: Int
+        let ramShared: Bool?
         let vcpus: Int?
         let backend: String?
         let ramDigestBeforeResume: String?
@@ -246,6 +247,7 @@ public final class UpgradeController {
         }
         report.oldPid = before.pid
         report.ramBytes = UInt64(before.ramBytes)
+        try checkMemory(ramBytes: before.ramBytes, ramShared: before.ramShared ?? false)
         try log(.started)
 
         var paused = false
@@ -424,6 +426,21 @@ public final class UpgradeController {
             report.rolledBack = true
             report.error = "\(error)"
             throw UpgradeFailure(description: "\(error); rolled back, the VM resumed in the old image (pid \(report.oldPid))", report: report)
+        }
+    }
+
+    /// A transport that copies guest RAM holds it twice until commit (the new instance's copy,
+    /// pre-faulted before the pause, beside the old one's). Refused before anything starts when
+    /// the new instance's cgroup or the host cannot hold that copy; memfd shares the pages and
+    /// --release-source frees them as they go, so neither needs the room.
+    func checkMemory(ramBytes: Int, ramShared: Bool) throws {
+        let copies = !options.releaseSource && (options.transport == "gift" || options.transport == "copy" || (options.transport == "auto" && !ramShared))
+        guard copies else { return }
+        let headroom = MemoryHeadroom.of(pid: getpid())  // the new instance starts in this process's cgroups
+        let needed = ramBytes + (64 << 20)  // its RAM, plus room for the process itself
+        guard headroom.availableBytes >= needed else {
+            throw UpgradeFailure(description: "refused: transport \(options.transport) needs a second copy of the guest's RAM (\(ramBytes >> 20) MiB + 64 MiB for the new instance), but \(headroom); use --transport memfd (shared RAM) or --release-source; nothing was changed",
+                                 report: report, refused: true)
         }
     }
 

@@ -66,3 +66,54 @@ public struct CgroupMembership: Equatable, Sendable {
         _ = try checkedCall("write(\(path))") { Glibc.write(fd, bytes, bytes.count) }
     }
 }
+
+/// How much more memory a process may use: the host's MemAvailable and the tightest memory
+/// cgroup limit on the way from the process's cgroup to the root (v2 `memory.max` /
+/// `memory.current`, v1 `memory.limit_in_bytes` / `memory.usage_in_bytes`). Checked before a
+/// transfer that holds a second copy of guest RAM, so a short host refuses instead of having the
+/// OOM killer pick a hypervisor.
+public struct MemoryHeadroom: Sendable, CustomStringConvertible {
+    public struct Limit: Sendable {
+        public let directory: String
+        public let limitBytes: Int
+        public let usageBytes: Int
+        public var freeBytes: Int { max(0, limitBytes - usageBytes) }
+    }
+
+    public let hostAvailableBytes: Int
+    /// The cgroup with the least room left, if any level has a limit.
+    public let cgroup: Limit?
+
+    public var availableBytes: Int { min(hostAvailableBytes, cgroup?.freeBytes ?? Int.max) }
+
+    public var description: String {
+        func mib(_ b: Int) -> String { "\(b >> 20) MiB" }
+        let host = "the host has \(mib(hostAvailableBytes)) available"
+        guard let c = cgroup else { return host }
+        return "cgroup \(c.directory) allows \(mib(c.freeBytes)) more (limit \(mib(c.limitBytes)), in use \(mib(c.usageBytes))), \(host)"
+    }
+
+    public static func of(pid: pid_t) -> MemoryHeadroom {
+        let meminfo = Host.readSmallFile("/proc/meminfo") ?? ""
+        let available = meminfo.split(separator: "\n").first { $0.hasPrefix("MemAvailable:") }
+            .flatMap { Int($0.split(separator: " ").dropFirst().first ?? "") }.map { $0 * 1024 } ?? Int.max
+        var tightest: Limit?
+        let membership = (try? CgroupMembership.of(pid: pid)) ?? CgroupMembership(entries: [])
+        for (controllers, path) in membership.entries where controllers.isEmpty || controllers.split(separator: ",").contains("memory") {
+            var dir = CgroupMembership.directory(controllers: controllers, path: path)
+            let (limitFile, usageFile) = controllers.isEmpty ? ("memory.max", "memory.current") : ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            while dir.hasPrefix("/sys/fs/cgroup") {
+                func read(_ name: String) -> Int? { Host.readSmallFile("\(dir)/\(name)").flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } }
+                // "max" (v2) or a value near Int64.max (v1) is no limit.
+                if let limit = read(limitFile), limit < (1 << 60), let usage = read(usageFile) {
+                    let level = Limit(directory: dir, limitBytes: limit, usageBytes: usage)
+                    if tightest == nil || level.freeBytes < tightest!.freeBytes { tightest = level }
+                }
+                let parent = (dir as NSString).deletingLastPathComponent
+                if parent == dir { break }
+                dir = parent
+            }
+        }
+        return MemoryHeadroom(hostAvailableBytes: available, cgroup: tightest)
+    }
+}

@@ -52,6 +52,8 @@ public final class VMMService: @unchecked Sendable {
         let state: String
         let backend: String?
         let ramBytes: Int
+        /// Guest RAM is a memfd (memfd transport, exec in place); false: anonymous memory.
+        let ramShared: Bool
         let vcpus: Int
         let beats: [GuestBeat?]
         let heartbeatExits: UInt64
@@ -119,7 +121,7 @@ public final class VMMService: @unchecked Sendable {
             case ("GET", "/api/v1/baton/status"):
                 let vm = self.vm
                 return .json(Status(pid: getpid(), state: incoming ? "Incoming" : (vm?.state.rawValue ?? "NotCreated"), backend: vm?.backendName,
-                                    ramBytes: vm?.config.ramBytes ?? 0, vcpus: vm?.config.vcpus ?? 0, beats: vm?.beats.last ?? [],
+                                    ramBytes: vm?.config.ramBytes ?? 0, ramShared: vm?.ram.backing != nil, vcpus: vm?.config.vcpus ?? 0, beats: vm?.beats.last ?? [],
                                     heartbeatExits: vm?.beats.exits ?? 0, startedAtMonotonicNs: vm?.lastStartNanoseconds ?? 0,
                                     failures: vm?.failures ?? [], ramDigestBeforeResume: vm?.ramDigestBeforeResume,
                                     execGeneration: execGeneration, lastExecError: lastExecError, version: Self.version))

@@ -83,6 +83,45 @@ struct UpgradeTests {
         _ = try vmm.beat()
     }
 
+    /// A child memory cgroup of this process's own, limited to `bytes` (v1 or v2), or nil with why not.
+    func memoryCgroup(limit bytes: Int) -> (dir: String?, why: String) {
+        guard geteuid() == 0 else { return (nil, "needs root to make a memory cgroup") }
+        guard let text = Host.readSmallFile("/proc/self/cgroup") else { return (nil, "no /proc/self/cgroup") }
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).map(String.init)
+            guard parts.count == 3 else { continue }
+            let v1 = parts[1].split(separator: ",").contains("memory")
+            guard v1 || (parts[1].isEmpty && FileManager.default.fileExists(atPath: "/sys/fs/cgroup/cgroup.controllers")) else { continue }
+            let dir = (v1 ? "/sys/fs/cgroup/memory" : "/sys/fs/cgroup") + parts[2] + "/baton-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            guard mkdir(dir, 0o755) == 0 else { continue }
+            let file = dir + (v1 ? "/memory.limit_in_bytes" : "/memory.max")
+            guard (try? "\(bytes)".write(toFile: file, atomically: false, encoding: .utf8)) != nil else { rmdir(dir); continue }
+            return (dir, "")
+        }
+        return (nil, "no writable memory cgroup here")
+    }
+
+    @Test("gift into a cgroup that cannot hold a second copy of guest RAM is refused before anything starts, naming both figures; memfd there is not")
+    func memoryCheck() throws {
+        let (cgroup, why) = memoryCgroup(limit: 192 << 20)
+        guard let cgroup else { print("skipped: \(why)"); return }
+        defer { rmdir(cgroup) }
+        let vmm = try RunningVMM(ram: "256MiB", simulated: true)
+        defer { vmm.stop() }
+        let oldPid = try vmm.status().pid
+        let next = try newBinary(in: vmm.directory)
+        let inCgroup = ["/bin/sh", "-c", "echo $$ > \(cgroup)/cgroup.procs && exec \"$0\" \"$@\""]
+        let refused = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--transport", "gift"], wrapper: inCgroup).finish()
+        #expect(refused.status == 1, "\(refused.stderr)")
+        #expect(refused.stderr.contains("refused: transport gift needs a second copy of the guest's RAM (256 MiB + 64 MiB for the new instance)")
+                && refused.stderr.contains("cgroup \(cgroup) allows") && refused.stderr.contains("limit 192 MiB") && refused.stderr.contains("nothing was changed"),
+                "\(refused.stderr)")
+        #expect(try vmm.status().pid == oldPid && vmm.status().state == "Running")
+        let shared = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--transport", "memfd"], wrapper: inCgroup).finish()
+        #expect(shared.status == 0, "memfd shares the pages, no second copy: \(shared.stderr)")
+        #expect(try vmm.status().state == "Running")
+    }
+
     @Test("a missing new binary is refused before anything is paused")
     func missingBinary() throws {
         let vmm = try RunningVMM(simulated: true)
