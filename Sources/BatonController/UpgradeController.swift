@@ -200,12 +200,13 @@ public final class UpgradeController {
     /// rolls back before the point of no return (recovery could not know otherwise). After it
     /// the upgrade must go on: the failure is kept in the report and the journal's last
     /// durable word stays `committing`, which recovery finishes forward.
-    func log(_ phase: UpgradeJournal.Phase, note: String? = nil) throws {
+    func log(_ phase: UpgradeJournal.Phase, note: String? = nil, inPlaceGeneration: Int? = nil) throws {
         let durable = ![.paused, .transferred].contains(phase)  // informational, and inside the pause
         let beforeNoReturn = ![.committed, .resumed, .done, .adopted].contains(phase)
         do {
             try journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
-                                      oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note), durable: durable)
+                                      oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note,
+                                      inPlaceGeneration: inPlaceGeneration), durable: durable)
         } catch where !beforeNoReturn {
             report.journalError = "journal \(journal?.path ?? ""): \(phase.rawValue) not recorded: \(error)"
         }
@@ -392,10 +393,22 @@ public final class UpgradeController {
         guard probeStatus == 0, probeText.contains("batonvmm") else {
             throw UpgradeFailure(description: "new binary \(options.binary) failed its --version probe (status \(probeStatus)): \(probeText.split(separator: "\n").first ?? ""); nothing was changed", report: report)
         }
+        // A journal like the two-process path's: a controller killed from here on leaves one
+        // that `baton recover` finishes (resume whichever image holds the VM).
+        do {
+            try PrivateDirectory.make(options.runDirectory)
+            journal = try UpgradeJournal.forNewUpgrade(path: options.journalPath ?? "\(options.runDirectory)/journal-inplace-\(getpid())-\(Host.monotonicNanoseconds()).jsonl")
+        } catch {
+            throw UpgradeFailure(description: "\(error); nothing was changed", report: report, refused: true)
+        }
+        try log(.started, inPlaceGeneration: before.execGeneration)
         let pauseStart = Host.monotonicNanoseconds()
         try control.pause()
         report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
         do {
+            try log(.paused)
+            // The exec is the point of no return: from here the new image may hold the VM.
+            try log(.committing)
             let execStart = Host.monotonicNanoseconds()
             try old.client.expectOK("PUT", "/api/v1/baton/exec", json: ["binary": options.binary])
             // Same socket, same pid, new image: wait until it has restored the VM (paused).
@@ -405,12 +418,15 @@ public final class UpgradeController {
                 if let s = try? old.client.expectOK("GET", "/api/v1/baton/status").decode(ExecStatus.self) {
                     if s.execGeneration > before.execGeneration && s.state == "Paused" { after = s; break }
                     if let why = s.lastExecError, s.execGeneration == before.execGeneration { throw VMMClient.Failure(description: why) }
+                } else if !Host.isAlive(before.pid) {
+                    throw VMMClient.Failure(description: "the VMM process (pid \(before.pid)) exited after the exec")
                 }
                 usleep(500)
             }
             guard let after else { throw VMMClient.Failure(description: "the new image did not come up within \(options.readyTimeoutSeconds) s") }
             guard after.pid == before.pid else { throw VMMClient.Failure(description: "pid changed from \(before.pid) to \(after.pid)") }
             report.stateMs = Double(Host.monotonicNanoseconds() - execStart) / 1e6  // state save + exec + restore
+            try log(.committed)
             let resumeStart = Host.monotonicNanoseconds()
             try control.resume()
             let end = Host.monotonicNanoseconds()
@@ -419,14 +435,44 @@ public final class UpgradeController {
             report.newPid = after.pid
             report.verified = true  // the state region's checksum held and the restore succeeded; RAM never moved
             report.pageDisposition = "shared"
+            try log(.resumed)
+            try log(.done)
             return report
+        } catch let crash as ControllerCrashed {
+            throw crash
         } catch {
-            // Before a successful exec nothing changed: the old image still runs the VM, paused.
-            try? control.resume()
-            report.rolledBack = true
-            report.error = "\(error)"
-            throw UpgradeFailure(description: "\(error); rolled back, the VM resumed in the old image (pid \(report.oldPid))", report: report)
+            // Say what is true now, observed, not what should be: the old image (exec refused or
+            // never sent), the new one (it came up, a later step failed), or nobody.
+            switch Self.observeInPlace(old, generationBefore: before.execGeneration, pid: before.pid) {
+            case .image(let generation, let paused):
+                if paused { try? control.resume() }
+                let which = generation > before.execGeneration ? "the new image" : "the old image"
+                report.rolledBack = generation == before.execGeneration
+                report.error = "\(error)"
+                try? log(report.rolledBack ? .rolledBack : .done, note: "\(error); \(which) runs the VM")
+                throw UpgradeFailure(description: "\(error); \(report.rolledBack ? "rolled back" : "rolled forward"): the VM runs in \(which) (pid \(report.oldPid), observed)", report: report)
+            case .gone:
+                report.error = "LOST: \(error); the VMM process (pid \(before.pid)) is gone: the new image died after the exec"
+                try? log(.rolledBack, note: report.error)
+                throw UpgradeFailure(description: report.error!, report: report)
+            }
         }
+    }
+
+    enum InPlaceObservation { case image(generation: Int, paused: Bool), gone }
+
+    /// Who holds an exec-in-place VM now: the process's image generation and whether it is
+    /// paused (waiting up to 10 s for an exec under way to finish), or gone.
+    static func observeInPlace(_ control: VMMSocketControl, generationBefore: Int, pid: Int32) -> InPlaceObservation {
+        struct Seen: Decodable { let state: String; let execGeneration: Int }
+        for _ in 0..<1000 {
+            if let s = try? control.client.expectOK("GET", "/api/v1/baton/status").decode(Seen.self), s.state == "Paused" || s.state == "Running" {
+                return .image(generation: s.execGeneration, paused: s.state == "Paused")
+            }
+            if !Host.isAlive(pid) { return .gone }
+            usleep(10_000)
+        }
+        return Host.isAlive(pid) ? .image(generation: generationBefore, paused: false) : .gone
     }
 
     /// A transport that copies guest RAM holds it twice until commit (the new instance's copy,

@@ -19,9 +19,14 @@ public final class UpgradeJournal: @unchecked Sendable {
         /// The hypervisor's own record of the handoff (JSON), for recovery: what a QEMU
         /// upgrade changed on the host (socket paths, libvirtd's command line, ...).
         public var context: String?
+        /// An exec-in-place upgrade (one process, a new image): the image generation the VM had
+        /// before it. Recovery compares it with the generation running now.
+        public var inPlaceGeneration: Int?
 
-        public init(phase: Phase, atMonotonicNs: UInt64, vm: String, oldPid: Int32?, newPid: Int32?, note: String? = nil, context: String? = nil) {
+        public init(phase: Phase, atMonotonicNs: UInt64, vm: String, oldPid: Int32?, newPid: Int32?, note: String? = nil, context: String? = nil,
+                    inPlaceGeneration: Int? = nil) {
             self.context = context
+            self.inPlaceGeneration = inPlaceGeneration
             self.phase = phase
             self.atMonotonicNs = atMonotonicNs
             self.vm = vm

@@ -23,6 +23,9 @@ public enum UpgradeRecovery {
         let newPid = entries.compactMap(\.newPid).last
         let journal = try UpgradeJournal(path: journalPath)
         let control = VMMSocketControl(socketPath: first.vm)
+        if let generation = first.inPlaceGeneration {
+            return try recoverInPlace(first: first, generationBefore: generation, journal: journal, control: control)
+        }
         func alive(_ pid: Int32?) -> Bool { pid.map(Host.isAlive) ?? false }
         if phases.contains(.committing) {
             // The controller decided to commit. Finish that decision if the old instance still
@@ -57,5 +60,27 @@ public enum UpgradeRecovery {
         }
         try journal.record(.init(phase: .rolledBack, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "recovered back"))
         return Outcome(.rolledBack, "rolled back: old instance pid \(oldPid.map(String.init) ?? "?") keeps \(first.vm)")
+    }
+
+    /// Exec in place: one process, so nothing is ever two instances; whichever image holds the VM
+    /// now (the old one if the exec never ran, the new one if it did) is resumed if paused.
+    static func recoverInPlace(first: UpgradeJournal.Entry, generationBefore: Int, journal: UpgradeJournal, control: VMMSocketControl) throws -> Outcome {
+        let pid = first.oldPid ?? 0
+        func note(_ phase: UpgradeJournal.Phase, _ text: String) throws {
+            try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: pid, newPid: pid, note: text))
+        }
+        switch UpgradeController.observeInPlace(control, generationBefore: generationBefore, pid: pid) {
+        case .image(let generation, let paused):
+            if paused { try control.resume() }
+            if generation > generationBefore {
+                try note(.done, "recovered forward: the new image runs the VM")
+                return Outcome(.rolledForward, "rolled forward: the new image (pid \(pid), generation \(generation)) runs \(first.vm)\(paused ? ", resumed" : "")")
+            }
+            try note(.rolledBack, "recovered back: the old image runs the VM")
+            return Outcome(.rolledBack, "rolled back: the old image (pid \(pid)) keeps \(first.vm)\(paused ? ", resumed" : "")")
+        case .gone:
+            try note(.rolledBack, "LOST: the VMM process is gone")
+            return Outcome(.lost, "LOST: the VMM process of \(first.vm) (pid \(pid)) is gone")
+        }
     }
 }

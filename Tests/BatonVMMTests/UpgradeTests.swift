@@ -277,6 +277,47 @@ struct InPlaceUpgradeTests {
         }
     }
 
+    @Test("exec in place keeps a journal: the controller SIGKILLed before, at and after the exec leaves a paused guest that `baton recover` resumes in the right image",
+          arguments: [("paused", "rolled back: the old image"), ("committing", "rolled back: the old image"), ("committed", "rolled forward: the new image")])
+    func inPlaceControllerKilled(_ phase: String, _ expected: String) throws {
+        let vmm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vmm.stop() }
+        let binary = vmm.directory + "/batonvmm-next"
+        try Executable.copy(from: batonvmmPath, to: binary)
+        let pid = try vmm.status().pid
+        let before = try vmm.beat()
+        let journal = vmm.directory + "/inplace.jsonl"
+        let killed = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", binary, "--in-place", "--journal", journal, "--run-directory", vmm.directory + "/run"],
+                                      environment: ["BATON_CONTROLLER_FAULT": "sigkill-controller-after:\(phase)"]).finish()
+        #expect(killed.status == 128 + SIGKILL || killed.status == SIGKILL, "\(killed.status) \(killed.stderr)")
+        var state = ""
+        for _ in 0..<500 where state != "Paused" {  // the exec may still be restoring the VM
+            state = (try? vmm.status().state) ?? ""
+            if state != "Paused" { usleep(10_000) }
+        }
+        #expect(state == "Paused", "the dead controller left the guest paused")
+        let recovered = try BatonProcess(["recover", "--journal", journal]).finish()
+        #expect(recovered.status == 0 && recovered.stdout.contains(expected), "\(recovered.stdout) \(recovered.stderr)")
+        let after = try vmm.status()
+        #expect(after.pid == pid && after.state == "Running")
+        let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
+        #expect(exe == (phase == "committed" ? binary : batonvmmPath), "\(exe)")
+        expectMatchesModel(try vmm.beat(after: before.counter), "after recovery")
+        #expect(try BatonProcess(["recover", "--journal", journal]).finish().stdout.contains("already finished"))
+    }
+
+    @Test("exec in place into a binary that passes --version and then dies: reported as LOST (observed), never as rolled back")
+    func inPlaceNewImageDies() throws {
+        let vmm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vmm.stop() }
+        let liar = vmm.directory + "/batonvmm-liar"
+        try "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'batonvmm 9.9 (liar)'; exit 0; fi\nexit 1\n".write(toFile: liar, atomically: true, encoding: .utf8)
+        chmod(liar, 0o755)
+        let r = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", liar, "--in-place", "--run-directory", vmm.directory + "/run"]).finish()
+        #expect(r.status == 1, "\(r.stderr)")
+        #expect(r.stderr.contains("LOST:") && r.stderr.contains("is gone") && !r.stderr.contains("rolled back"), "\(r.stderr)")
+    }
+
     @Test("a new binary that cannot start is caught before the pause; the VM keeps running")
     func brokenBinary() throws {
         let vmm = try RunningVMM(simulated: true)
