@@ -29,8 +29,23 @@ struct HookCommand: ParsableCommand {
         let stateDirectory = env["BATON_STATE_DIR"] ?? file.stateDirectory
         let serveSocket = env["BATON_SOCKET"] ?? file.serviceSocket
         let budget = Double(env["BATON_HOOK_BUDGET"] ?? "") ?? file.hookBudgetSeconds
-        // Read stdin with the budget: libvirt always sends the XML and closes.
-        let xml = FileHandle.standardInput.readDataToEndOfFile()
+        // libvirt always sends the XML and closes. Bounded: a domain's XML is kilobytes, and the
+        // hook must answer within its budget whatever arrives.
+        var xml = Data()
+        while xml.count <= HookCommand.maximumXMLBytes, let chunk = try? FileHandle.standardInput.read(upToCount: 1 << 16), !chunk.isEmpty {
+            xml.append(chunk)
+        }
+        if xml.count > HookCommand.maximumXMLBytes {
+            FileHandle.standardError.write(Data("baton: hook: domain XML on stdin is larger than \(HookCommand.maximumXMLBytes >> 10) KiB (a domain's is a few KiB); ignored\n".utf8))
+            throw ExitCode(3)
+        }
+        // Foundation's XML parser slows down badly on elements with tens of thousands of
+        // attributes; a real domain has a few thousand at most.
+        let equalsSigns = xml.reduce(0) { $0 + ($1 == UInt8(ascii: "=") ? 1 : 0) }
+        if equalsSigns > HookCommand.maximumAttributes {
+            FileHandle.standardError.write(Data("baton: hook: domain XML on stdin has \(equalsSigns) '=' (more than \(HookCommand.maximumAttributes) attributes; a domain has a few thousand); ignored\n".utf8))
+            throw ExitCode(3)
+        }
         let request: HookRequest
         do {
             request = try HookRequest.parse(arguments: arguments, xml: xml)
@@ -60,6 +75,11 @@ struct HookCommand: ParsableCommand {
                           request.extra, xml.count, outcome, ms)
         Host.appendLine(line, to: stateDirectory + "/hook.log")
     }
+
+    /// The most domain XML the hook reads (libvirt's are a few KiB; the largest seen, with
+    /// hundreds of devices, well under this).
+    static let maximumXMLBytes = 1 << 20
+    static let maximumAttributes = 20_000
 
     /// Sends the event to `baton serve` (bounded by the budget); if it is down, queues it.
     func forward(_ request: HookRequest, to socket: String, stateDirectory: String, budget: Double) -> String {

@@ -196,16 +196,31 @@ struct ServeCommand: ParsableCommand {
         }
     }
 
+    /// The longest request line the service reads (requests are a few hundred bytes).
+    static let maximumLineBytes = 1 << 20
+
+    /// One client: newline-delimited requests, one reply line each. Each byte is scanned once
+    /// (consumed lines are dropped once per read, not one by one), and a line longer than
+    /// `maximumLineBytes` gets one error reply and the connection is closed.
     static func serve(_ client: UnixSocket, _ service: BatonService) {
         var buffer: [UInt8] = []
+        var scanned = 0
         while true {
-            guard let chunk = try? client.fd.readSome(4096), !chunk.isEmpty else { return }
+            guard let chunk = try? client.fd.readSome(65536), !chunk.isEmpty else { return }
             buffer += chunk
-            while let nl = buffer.firstIndex(of: 0x0A) {
-                let line = String(decoding: buffer[..<nl], as: UTF8.self)
-                buffer.removeFirst(nl + 1)
+            var lineStart = 0
+            while let nl = buffer[scanned...].firstIndex(of: 0x0A) {
+                let line = String(decoding: buffer[lineStart..<nl], as: UTF8.self)
+                lineStart = nl + 1
+                scanned = lineStart
                 if line.isEmpty { continue }
                 try? client.send(Array((service.handle(line) + "\n").utf8))
+            }
+            buffer.removeFirst(lineStart)
+            scanned = buffer.count
+            if buffer.count > maximumLineBytes {
+                try? client.send(Array(#"{"ok":false,"error":"request line longer than 1 MiB; closing"}"#.utf8) + [0x0A])
+                return
             }
         }
     }

@@ -389,7 +389,7 @@ public final class UpgradeController {
         report.ramBytes = UInt64(before.ramBytes)
         // After the exec there is no going back, so the new binary runs once first, outside the
         // pause: a build that cannot even start never replaces the running one.
-        let (probeStatus, probeText) = try Spawn.run(options.binary, ["--version"])
+        let (probeStatus, probeText) = try Spawn.run(options.binary, ["--version"], timeoutSeconds: min(options.readyTimeoutSeconds, 10))
         guard probeStatus == 0, probeText.contains("batonvmm") else {
             throw UpgradeFailure(description: "new binary \(options.binary) failed its --version probe (status \(probeStatus)): \(probeText.split(separator: "\n").first ?? ""); nothing was changed", report: report)
         }

@@ -139,12 +139,23 @@ public enum Spawn {
     }
 
     /// Runs `path` to completion (a new session, stdout and stderr into one temporary log) and
-    /// returns its exit status and combined output.
-    public static func run(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws -> (status: Int32, output: String) {
+    /// returns its exit status and combined output. With `timeoutSeconds`, a child still running
+    /// then is SIGKILLed and reported as 128 + 9.
+    public static func run(_ path: String, _ arguments: [String], environment: [String: String] = [:], timeoutSeconds: Double? = nil) throws -> (status: Int32, output: String) {
         let log = NSTemporaryDirectory() + "baton-run-\(getpid())-\(UInt64.random(in: 0...UInt64.max)).log"
         defer { unlink(log) }
         let pid = try detached(path, arguments, logPath: log, environment: environment)
-        let status = wait(pid)
+        var status: Int32
+        if let timeoutSeconds {
+            let deadline = Host.monotonicNanoseconds() + UInt64(max(0, min(timeoutSeconds, 86_400)) * 1e9)
+            while true {
+                if let s = exitStatus(pid) { status = s; break }
+                if Host.monotonicNanoseconds() > deadline { kill(pid, SIGKILL); status = wait(pid); break }
+                usleep(5_000)
+            }
+        } else {
+            status = wait(pid)
+        }
         return (status, (try? String(contentsOfFile: log, encoding: .utf8)) ?? "")
     }
 

@@ -62,6 +62,10 @@ struct HookTests {
         (["qemu", "web1", "start", "begin", "-"], "<domain><name>web1</name>", Int32(3), "malformed"),
         (["qemu", "web1", "start", "begin", "-"], "<network><name>web1</name></network>", Int32(3), "not a <domain>"),
         (["qemu", "other", "start", "begin", "-"], domainXML, Int32(4), "differs from the XML's <name>web1</name>"),
+        // Bounded input: answered at once whatever arrives (a slow hook stalls libvirtd).
+        (["qemu", "web1", "start", "begin", "-"], String(repeating: "<!-- padding -->", count: 70_000), Int32(3), "larger than 1024 KiB"),
+        (["qemu", "web1", "start", "begin", "-"], "<domain><name " + (0..<200_000).map { "a\($0)=\"\"" }.joined(separator: " ").prefix(900_000) + ">web1</name></domain>",
+         Int32(3), "more than 20000 attributes"),
     ])
     func garbage(_ args: [String], _ xml: String, _ code: Int32, _ message: String) throws {
         let r = try hook(args, xml: xml)

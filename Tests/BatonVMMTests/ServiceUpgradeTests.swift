@@ -141,4 +141,34 @@ struct ServiceUpgradeTests {
         #expect(stopped.stderr.contains("outcome=upgraded") && stopped.stderr.contains("mode=memfd") && stopped.stderr.contains("newPid="), "\(stopped.stderr)")
         #expect(try vm.status().state == "Running")
     }
+
+    @Test("a request line without end gets one error and a close; ten thousand requests in one write each get their reply")
+    func boundedRequestLines() throws {
+        let dir = try BatonProcess.makeRunDirectory("svc-lines")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/serve.sock"
+        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
+        defer { serve.kill(SIGTERM); _ = serve.finish() }
+        #expect(BatonProcess.waitForPath(socket))
+        func readAll(_ s: UnixSocket) throws -> String {
+            var out: [UInt8] = []
+            while true {
+                let r = try s.receive(count: 1 << 16)
+                out += r.bytes
+                if r.bytes.count < 1 << 16 { break }
+            }
+            return String(decoding: out, as: UTF8.self)
+        }
+        let endless = try UnixSocket.connect(path: socket, timeoutSeconds: 5)
+        try endless.setTimeout(seconds: 20)
+        try? endless.sendAll([UInt8](repeating: UInt8(ascii: "x"), count: 2 << 20))
+        let reply = try readAll(endless)
+        #expect(reply == #"{"ok":false,"error":"request line longer than 1 MiB; closing"}"# + "\n", "\(reply.prefix(200))")
+        let many = try UnixSocket.connect(path: socket, timeoutSeconds: 5)
+        try many.setTimeout(seconds: 60)
+        try many.sendAll(Array(String(repeating: #"{"op":"status"}"# + "\n", count: 10_000).utf8))
+        many.shutdownWrite()
+        let replies = try readAll(many).split(separator: "\n")
+        #expect(replies.count == 10_000 && replies.allSatisfy { $0.contains(#""ok":true"#) }, "\(replies.count) replies")
+    }
 }

@@ -318,6 +318,18 @@ struct InPlaceUpgradeTests {
         #expect(r.stderr.contains("LOST:") && r.stderr.contains("is gone") && !r.stderr.contains("rolled back"), "\(r.stderr)")
     }
 
+    @Test("exec in place into a binary whose --version never answers: refused when the probe times out, nothing paused")
+    func inPlaceProbeHangs() throws {
+        let vmm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vmm.stop() }
+        let stuck = vmm.directory + "/batonvmm-stuck"
+        try "#!/bin/sh\nexec sleep 300\n".write(toFile: stuck, atomically: true, encoding: .utf8)
+        chmod(stuck, 0o755)
+        let r = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", stuck, "--in-place", "--timeout", "1", "--run-directory", vmm.directory + "/run"]).finish()
+        #expect(r.status != 0 && r.stderr.contains("failed its --version probe (status 137)") && r.stderr.contains("nothing was changed"), "\(r.stderr)")
+        #expect(try vmm.status().state == "Running")
+    }
+
     @Test("a new binary that cannot start is caught before the pause; the VM keeps running")
     func brokenBinary() throws {
         let vmm = try RunningVMM(simulated: true)
