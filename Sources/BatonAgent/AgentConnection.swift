@@ -34,6 +34,15 @@ public enum AgentError: Error, CustomStringConvertible {
         }
     }
 
+    /// The shared classification of this failure.
+    public var code: HandoffErrorCode {
+        switch self {
+        case .integrity, .protocolViolation(.peerFailed(code: FailureCode.integrity, _)), .peerFailed(_, _, code: FailureCode.integrity): .integrity
+        case .wrongPeer, .protocolViolation(.badMagic), .protocolViolation(.unsupportedVersion): .peerRefused
+        default: .failed
+        }
+    }
+
     public static func wrap(_ error: Error) -> AgentError {
         switch error {
         case let e as AgentError: e
@@ -137,6 +146,13 @@ public final class AgentConnection: @unchecked Sendable {
         }
         let message = try Message.decode(header: header, payload: body.bytes)
         if case let .failure(code, text) = message { throw ProtocolError.peerFailed(code: code, message: text) }
+        // hello's header carries the version it offers; welcome's the version chosen.
+        switch message {
+        case let .hello(version, _, _, _) where header.version != version,
+             let .welcome(version, _) where header.version != version:
+            throw ProtocolError.invalidField(command: "\(message.command)", field: "header version", value: "\(header.version) (the payload says \(version))")
+        default: break
+        }
         return (message, descriptors)
     }
 }

@@ -71,9 +71,15 @@ public final class NewInstanceAgent {
                 if let done = try perform(action, descriptors: descriptors) { return done }
             }
         } catch {
-            stopLanes()
-            let wrapped = AgentError.wrap(error)
-            if case .abandoned = state {} else if !isPeerGone(error) {
+            // A lane's failure is the cause (the agent thread only saw the socket end, below);
+            // a lane stopped by the others' failure never is.
+            let laneError = stopLanes()
+            var cause = error
+            if let laneError, Self.isSocketEnd(error) {
+                cause = laneError
+            }
+            let wrapped = AgentError.wrap(cause)
+            if case .abandoned = state {} else if !isPeerGone(cause) {
                 let code: UInt16 = if case .integrity = wrapped { FailureCode.integrity } else { FailureCode.failed }
                 try? connection.send(.failure(code: code, message: "\(wrapped)"))
             }
@@ -92,10 +98,20 @@ public final class NewInstanceAgent {
         return false
     }
 
-    private func stopLanes() {
+    /// Stops the lanes and returns the first real error one of them had, if any.
+    @discardableResult
+    private func stopLanes() -> Error? {
         control?.cancel()
         pipes.forEach { $0.close() }
-        try? job?.wait()
+        do { try job?.wait(); return nil } catch TransferError.cancelled { return nil } catch { return error }
+    }
+
+    /// What the agent thread sees when a lane shut the socket's read side (or the peer went quiet).
+    private static func isSocketEnd(_ error: Error) -> Bool {
+        switch error {
+        case ProtocolError.peerClosed, ProtocolError.truncatedHeader, ProtocolError.truncatedPayload, TransferError.stalled: return true
+        default: return false
+        }
     }
 
     private func perform(_ action: ReceiverAction, descriptors: [FileDescriptor]) throws -> [DestinationRegion]? {
@@ -129,6 +145,9 @@ public final class NewInstanceAgent {
         case let .startReceiving(plan, begin):
             try start(plan: plan, begin: begin, descriptors: descriptors)
         case let .recordChecksums(first, sums):
+            if let plan, first + sums.count > plan.chunks.count {
+                throw ProtocolError.invalidField(command: "chunkChecksums", field: "chunks", value: "\(first)..<\(first + sums.count) (the plan has \(plan.chunks.count) chunks)")
+            }
             for (i, s) in sums.enumerated() {
                 expected[first + i] = s
                 if let verdict = verifier?.expect(first + i, s) { try confirm(verdict) }
@@ -138,7 +157,7 @@ public final class NewInstanceAgent {
             if let plan, chunkCount != plan.chunks.count {
                 throw ProtocolError.invalidField(command: "transferEnd", field: "chunk count", value: "\(chunkCount) (the plan has \(plan.chunks.count) chunks)")
             }
-            if case let .receiving(_, table, _) = state, bytes != table.totalBytes {
+            if case let .transferEnded(_, table, _) = state, bytes != table.totalBytes {
                 throw ProtocolError.invalidField(command: "transferEnd", field: "bytes", value: "\(bytes) (the region table holds \(table.totalBytes))")
             }
         case .verify(let digests):
@@ -166,8 +185,7 @@ public final class NewInstanceAgent {
             let chunk = plannedChunks[index]
             let mismatch = Mismatch(regionID: chunk.regionID, offset: chunk.offset,
                                     detail: "chunk \(index) checksum 0x\(String(got, radix: 16)) != sender's 0x\(String(want, radix: 16))")
-            try? connection.send(.failure(code: FailureCode.integrity, message: "\(AgentError.integrity(mismatch))"))
-            throw AgentError.integrity(mismatch)
+            throw AgentError.integrity(mismatch)  // receive() sends the one `failure` (code 4)
         }
     }
 
@@ -217,23 +235,26 @@ public final class NewInstanceAgent {
             }
         }
         job = try LaneJob(lanes: plan.laneCount) { lane in
-            let chunks = plan.chunks(onLane: lane)
-            guard let first = chunks.first, let kind = kinds[first.regionID]?.transport else { return }
             do {
-                switch kind {
-                case .gift, .pipeCopy:
-                    let lazy = destinations[first.regionID]?.region.flags.contains(.releasedBySender) ?? false
-                    try PipeLaneReceiver(lane: lane, pipe: pipes[lane], gift: kind == .gift, control: control, populateAhead: lazy, afterChunk: landed)
-                        .receive(chunks, destinations: destinations, checksums: sums)
-                case .processVmReadv:
-                    try RemoteLaneReader(sourcePID: begin.sourcePID, control: control)
-                        .receive(chunks, sourceAddresses: sourceAddresses, destinations: destinations, checksums: sums)
-                case .memfd:
-                    break
+                // Runs of one transport in plan order (a lane may carry several regions' chunks).
+                for (kind, run) in plan.chunks(onLane: lane).runs(by: { kinds[$0.regionID]?.transport ?? .memfd }) {
+                    switch kind {
+                    case .gift, .pipeCopy:
+                        let lazy = destinations[run[0].regionID]?.region.flags.contains(.releasedBySender) ?? false
+                        try PipeLaneReceiver(lane: lane, pipe: pipes[lane], gift: kind == .gift, control: control, populateAhead: lazy, afterChunk: landed)
+                            .receive(run, destinations: destinations, checksums: sums)
+                    case .processVmReadv:
+                        try RemoteLaneReader(sourcePID: begin.sourcePID, control: control)
+                            .receive(run, sourceAddresses: sourceAddresses, destinations: destinations, checksums: sums)
+                    case .memfd:
+                        break
+                    }
                 }
             } catch {
                 control.cancel()
                 if !pipes.isEmpty { pipes[lane].close() }  // the sender sees EPIPE instead of waiting
+                // Wake the agent thread, blocked reading the socket: it reports this error.
+                self.connection.socket.shutdownRead()
                 throw error
             }
         }

@@ -140,6 +140,9 @@ public final class OldInstanceAgent {
         let mayGift = options.transport == .gift || (options.transport == .auto && sources.contains { $0.memfd == nil || !agreed.contains(.memfd) })
         let (kinds, notices) = try Self.chooseTransports(sources, options: options, agreed: agreed, giftRefusal: mayGift ? Splice.giftRefusal() : nil)
         report.notices = notices
+        if options.releaseSource && !kinds.values.contains(where: { $0 == .gift || $0 == .pipeCopy }) {
+            report.notices.append("release-source: no region streams through pipes (\(Set(kinds.values.map { "\($0)" }).sorted().joined(separator: ", "))), so nothing is freed early")
+        }
         // Regions that arrive as a descriptor need no destination memory on the other side;
         // piped regions of a releasing sender land in a memfd we can take pages back from.
         let regions = sources.map { s in
@@ -229,18 +232,19 @@ public final class OldInstanceAgent {
             try connection.send(.chunkChecksums(firstChunk: UInt32(chunk.index), checksums: [sum]))
         } : nil
         let job = try LaneJob(lanes: lanes) { lane in
-            let chunks = plan.chunks(onLane: lane)
-            guard let first = chunks.first else { return }
-            switch kinds[first.regionID]! {
-            case .gift, .pipeCopy:
-                let pipe = pipeLanes!.pipes[lane].writeEnd
-                defer { pipe.close() }
-                try PipeLaneSender(lane: lane, pipe: pipe, gift: kinds[first.regionID] == .gift, control: control, beforeChunk: streamChecksum)
-                    .send(chunks, sources: byID, checksums: checksums)
-            case .processVmReadv, .memfd:
-                for c in chunks {
-                    checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base)
-                    control.progress.add(c.length)
+            // A lane may carry chunks of several regions with different transports: each run of
+            // one transport in plan order, piped ones into this lane's pipe.
+            defer { pipeLanes?.pipes[lane].writeEnd.close() }
+            for (kind, run) in plan.chunks(onLane: lane).runs(by: { kinds[$0.regionID]! }) {
+                switch kind {
+                case .gift, .pipeCopy:
+                    try PipeLaneSender(lane: lane, pipe: pipeLanes!.pipes[lane].writeEnd, gift: kind == .gift, control: control, beforeChunk: streamChecksum)
+                        .send(run, sources: byID, checksums: checksums)
+                case .processVmReadv, .memfd:
+                    for c in run {
+                        checksums[c.index] = c.checksum(regionBase: byID[c.regionID]!.base)
+                        control.progress.add(c.length)
+                    }
                 }
             }
         }

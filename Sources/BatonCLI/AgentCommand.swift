@@ -21,7 +21,7 @@ struct AgentCommand: ParsableCommand {
         @Option(help: "Unix socket path to listen on (created 0600).")
         var socket: String
 
-        @Option(help: "After commit, check every byte against the test pattern with this seed.")
+        @Option(help: "After commit, check every byte against the test pattern with this seed (Docs/PROTOCOL.md §11); a mismatch exits 4.")
         var seed: UInt64?
 
         @Option(help: "Seconds without progress before the peer counts as stalled.")
@@ -59,6 +59,9 @@ struct AgentCommand: ParsableCommand {
             printJSON(outcome)
             if let failure {
                 throw fail("\(failure)", BatonExit.forHandoffFailure(failure))
+            }
+            if let offset = outcome.patternMismatchOffset {
+                throw fail("committed, but the bytes differ from the test pattern (seed \(seed ?? 0)) at guest address 0x\(String(offset, radix: 16))", .integrity)
             }
         }
     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BatonAgent
+import BatonController
 import BatonCore
 import BatonSystem
 import Foundation
@@ -37,12 +38,21 @@ public enum BatonExit: Int32 {
 }
 
 extension BatonExit {
+    /// The exit code of a batonvmm upgrade that did not complete, from its kind.
+    static func forUpgrade(_ kind: UpgradeFailure.Kind) -> BatonExit {
+        switch kind {
+        case .refused: .peerRefused
+        case .rolledBack: .handoffRolledBack
+        case .integrity: .integrity
+        case .incomplete: .failure
+        }
+    }
+
     /// The exit code for a failed handoff, from the error's type (and a peer's failure code).
     static func forHandoffFailure(_ error: Error) -> BatonExit {
-        let e = AgentError.wrap(error)
-        switch e {
-        case .integrity, .protocolViolation(.peerFailed(code: FailureCode.integrity, _)), .peerFailed(_, _, code: FailureCode.integrity): return .integrity
-        case .wrongPeer, .protocolViolation(.badMagic), .protocolViolation(.unsupportedVersion): return .peerRefused
+        switch AgentError.wrap(error).code {
+        case .integrity: return .integrity
+        case .peerRefused: return .peerRefused
         default: return .handoffRolledBack
         }
     }

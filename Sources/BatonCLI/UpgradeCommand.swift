@@ -149,7 +149,10 @@ struct UpgradeCommand: ParsableCommand {
                 print(line)
             }
             if let refused = reply["refused"] as? String { throw fail("refused: \(refused)", .failure) }
-            if reply["ok"] as? Bool != true { throw fail(reply["error"] as? String ?? "upgrade failed", .handoffRolledBack) }
+            if reply["ok"] as? Bool != true {
+                let kind = (reply["kind"] as? String).flatMap(UpgradeFailure.Kind.init(rawValue:)) ?? .incomplete
+                throw fail(reply["error"] as? String ?? "upgrade failed", BatonExit.forUpgrade(kind))
+            }
             return
         }
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
@@ -176,7 +179,7 @@ struct UpgradeCommand: ParsableCommand {
         } catch let failure as UpgradeFailure {
             record.state = failure.report.rolledBack ? "rolledBack" : "failed"
             if json { printJSON(failure.report) }
-            throw fail(failure.description, failure.report.rolledBack ? .handoffRolledBack : .failure)
+            throw fail(failure.description, BatonExit.forUpgrade(failure.kind))
         }
     }
 }

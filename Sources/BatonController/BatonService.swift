@@ -155,7 +155,7 @@ public final class BatonService: @unchecked Sendable {
             if failure.report.rolledBack { rollbacks += 1 }
             lock.unlock()
             logUpgrade(failure.report, outcome: failure.report.rolledBack ? "rolledBack" : "failed", reason: failure.description)
-            return ["ok": false, "error": failure.description, "report": encode(failure.report)]
+            return ["ok": false, "error": failure.description, "kind": failure.kind.rawValue, "report": encode(failure.report)]
         } catch {
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: .failed, mode: options.transport, downtimeMs: nil)
             lock.lock(); failures += 1; lock.unlock()

@@ -140,8 +140,18 @@ public struct ControllerCrashed: Error, CustomStringConvertible {
 public struct UpgradeFailure: Error, CustomStringConvertible {
     public let description: String
     public let report: UpgradeReport
-    /// Nothing was started or changed: another upgrade of the same VM holds it.
+    /// Nothing was started or changed (preflight, or another upgrade of the same VM holds it).
     public var refused = false
+    /// Rolled back because a checksum, digest or RAM sample differed (the VMM's typed code).
+    public var integrity = false
+
+    public enum Kind: String, Sendable { case refused, rolledBack, integrity, incomplete }
+    /// What happened, for exit codes and metrics: never read from the description.
+    public var kind: Kind {
+        if refused { return .refused }
+        if report.rolledBack { return integrity ? .integrity : .rolledBack }
+        return .incomplete
+    }
 }
 
 /// The in-place upgrade of one reference-VMM guest. Before `committing` is journaled, every
@@ -224,7 +234,7 @@ public final class UpgradeController {
         defer { close(lock) }
         if options.inPlace { return try runInPlace() }
         do { try PrivateDirectory.make(options.runDirectory) } catch {
-            throw UpgradeFailure(description: "run directory \(error); nothing was changed", report: report)
+            throw UpgradeFailure(description: "run directory \(error); nothing was changed", report: report, refused: true)
         }
         // One journal per upgrade: a fresh file by default (pids are reused), and a given one
         // only if it holds no unfinished upgrade.
@@ -235,7 +245,7 @@ public final class UpgradeController {
         }
         // Preflight: nothing is started or paused until these hold.
         guard access(options.binary, X_OK) == 0 else {
-            throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report)
+            throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report, refused: true)
         }
         let before: StatusWithStart
         do {
@@ -244,7 +254,7 @@ public final class UpgradeController {
             throw UpgradeFailure(description: "cannot reach the VM at \(options.vmSocket): \(error)", report: report)
         }
         guard before.state == "Running" else {
-            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state), not Running; nothing was changed", report: report)
+            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state), not Running; nothing was changed", report: report, refused: true)
         }
         report.oldPid = before.pid
         report.ramBytes = UInt64(before.ramBytes)
@@ -306,10 +316,16 @@ public final class UpgradeController {
                 throw UpgradeFailure(description: "committed, but the new instance did not report running: \(error); run `baton recover --journal \(journal!.path)`", report: report)
             }
             rollBack(prepared: prepared, paused: paused)
-            report.rolledBack = true
             report.error = "\(error)"
-            try? log(.rolledBack, note: "\(error)")
-            throw UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest", report: report)
+            // Said only when seen: the old instance answers and runs the guest.
+            let observed = (try? old.pid()) == report.oldPid ? ((try? old.state()) ?? "unreachable") : "gone"
+            report.rolledBack = observed == "Running"
+            try? log(.rolledBack, note: "\(error); old instance observed \(observed)")
+            if !report.rolledBack {
+                throw UpgradeFailure(description: "\(error); rollback attempted, but the old instance (pid \(report.oldPid)) is observed \(observed)", report: report)
+            }
+            throw UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest (observed)", report: report,
+                                 integrity: (error as? VMMClient.Failure)?.code == .integrity)
         }
     }
 
@@ -376,14 +392,14 @@ public final class UpgradeController {
     func runInPlace() throws -> UpgradeReport {
         report.transport = "exec-in-place"
         guard access(options.binary, X_OK) == 0 else {
-            throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report)
+            throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report, refused: true)
         }
         let before: ExecStatus
         do { before = try old.client.expectOK("GET", "/api/v1/baton/status").decode(ExecStatus.self) } catch {
             throw UpgradeFailure(description: "cannot reach the VM at \(options.vmSocket): \(error)", report: report)
         }
         guard before.state == "Running" else {
-            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state), not Running; nothing was changed", report: report)
+            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state), not Running; nothing was changed", report: report, refused: true)
         }
         report.oldPid = before.pid
         report.ramBytes = UInt64(before.ramBytes)
@@ -391,7 +407,7 @@ public final class UpgradeController {
         // pause: a build that cannot even start never replaces the running one.
         let (probeStatus, probeText) = try Spawn.run(options.binary, ["--version"], timeoutSeconds: min(options.readyTimeoutSeconds, 10))
         guard probeStatus == 0, probeText.contains("batonvmm") else {
-            throw UpgradeFailure(description: "new binary \(options.binary) failed its --version probe (status \(probeStatus)): \(probeText.split(separator: "\n").first ?? ""); nothing was changed", report: report)
+            throw UpgradeFailure(description: "new binary \(options.binary) failed its --version probe (status \(probeStatus)): \(probeText.split(separator: "\n").first ?? ""); nothing was changed", report: report, refused: true)
         }
         // A journal like the two-process path's: a controller killed from here on leaves one
         // that `baton recover` finishes (resume whichever image holds the VM).

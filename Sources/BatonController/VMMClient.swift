@@ -1,6 +1,7 @@
 // BatonController sequences an upgrade: preflight → start the new instance → prepare →
 // pause → transfer → verify → commit → resume, rolls back before commit, and keeps a
 // crash-safe journal. It talks to hypervisors only through `HypervisorControl`.
+import BatonCore
 import BatonSystem
 import Foundation
 import Glibc
@@ -17,7 +18,12 @@ public struct VMMClient: Sendable {
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
-        public init(description: String) { self.description = description }
+        /// The typed code the VMM sent with the error (nil: a local failure, or an old VMM).
+        public let code: HandoffErrorCode?
+        public init(description: String, code: HandoffErrorCode? = nil) {
+            self.description = description
+            self.code = code
+        }
     }
 
     public struct Response: Sendable {
@@ -62,8 +68,10 @@ public struct VMMClient: Sendable {
     public func expectOK(_ method: String, _ path: String, json: [String: Any]? = nil) throws -> Response {
         let r = try request(method, path, json: json)
         guard (200..<300).contains(r.status) else {
-            let message = (try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any])?["error"] as? String ?? r.text
-            throw Failure(description: "\(method) \(path) → \(r.status): \(message)")
+            let body = try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any]
+            let message = body?["error"] as? String ?? r.text
+            throw Failure(description: "\(method) \(path) → \(r.status): \(message)",
+                          code: (body?["code"] as? String).flatMap(HandoffErrorCode.init(rawValue:)))
         }
         return r
     }

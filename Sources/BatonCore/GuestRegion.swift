@@ -11,6 +11,8 @@ public struct GuestRegion: Equatable, Hashable, Sendable, CustomStringConvertibl
         /// the host holds one copy plus the in-flight window) and give the sender its
         /// descriptor, so a rollback can take the pages back.
         public static let releasedBySender = Flags(rawValue: 1 << 2)
+        /// Every flag this protocol version defines; a table with another bit is refused.
+        public static let known: Flags = [.fileBacked, .arrivesAsDescriptor, .releasedBySender]
     }
 
     public let id: UInt32

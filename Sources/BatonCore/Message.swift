@@ -139,6 +139,7 @@ public struct MessageHeader: Equatable, Sendable {
         let command = try r.u16("command")
         let descriptors = try r.u8("descriptor count")
         let flags = try r.u8("flags")
+        guard flags == 0 else { throw .invalidField(command: "header", field: "flags", value: "\(flags) (must be 0)") }
         try r.reserved(2, "header reserved")
         let length = try r.u32("payload length")
         guard Command(rawValue: command) != nil else { throw .unknownCommand(command) }

@@ -206,6 +206,9 @@ public enum Message: Equatable, Sendable {
             for _ in 0..<n {
                 let id = try r.u32("region id"), flags = try r.u32("region flags")
                 let address = try r.u64("guest address"), length = try r.u64("length")
+                guard flags & ~GuestRegion.Flags.known.rawValue == 0 else {
+                    throw .invalidField(command: name, field: "flags of region \(id)", value: "0x\(String(flags, radix: 16)) (unknown bits)")
+                }
                 regions.append(GuestRegion(id: id, guestAddress: address, length: length, flags: .init(rawValue: flags)))
             }
             do {
@@ -251,8 +254,13 @@ public enum Message: Equatable, Sendable {
         case .verify:
             let n = try r.count("digest count", recordSize: 12)
             var digests: [UInt32: UInt64] = [:]
+            var previous: UInt32?
             for _ in 0..<n {
                 let id = try r.u32("region id")
+                if let previous, id <= previous {
+                    throw .invalidField(command: name, field: "region id", value: "\(id) after \(previous) (ascending, each once)")
+                }
+                previous = id
                 digests[id] = try r.u64("digest")
             }
             message = .verify(digests: digests)

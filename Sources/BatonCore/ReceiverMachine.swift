@@ -6,6 +6,8 @@ public enum ReceiverState: Equatable, Sendable {
     case awaitingRegions(Session)
     case awaitingTransfer(Session, RegionTable)
     case receiving(Session, RegionTable, TransferBegin)
+    /// `transferEnd` arrived: every checksum has been sent; `verify` comes next.
+    case transferEnded(Session, RegionTable, TransferBegin)
     case verifying(Session, RegionTable)
     case awaitingCommit(Session, RegionTable)
     case committed(RegionTable)
@@ -18,6 +20,7 @@ public enum ReceiverState: Equatable, Sendable {
         case .awaitingRegions: "awaiting the region table"
         case .awaitingTransfer: "awaiting transferBegin"
         case .receiving: "receiving"
+        case .transferEnded: "awaiting verify"
         case .verifying: "verifying"
         case .awaitingCommit: "awaiting commit"
         case .committed: "committed"
@@ -74,6 +77,9 @@ public struct ReceiverMachine: Sendable {
         switch (state, message) {
         case let (.awaitingHello, .hello(peerVersion, peerOldest, peerPageSize, caps)):
             // The highest version both sides speak: a newer sender that still speaks ours gets ours.
+            guard peerOldest <= peerVersion else {
+                throw .invalidField(command: "hello", field: "oldest version", value: "\(peerOldest) (above the version it offers, \(peerVersion))")
+            }
             guard let version = ProtocolVersion.negotiate(peerCurrent: peerVersion, peerOldest: peerOldest) else {
                 throw .unsupportedVersion(peer: peerVersion, accepted: ProtocolVersion.accepted)
             }
@@ -94,6 +100,9 @@ public struct ReceiverMachine: Sendable {
             for r in begin.regions where !session.capabilities.contains(r.transport.capability) {
                 throw .invalidField(command: "transferBegin", field: "transport of region \(r.regionID)", value: "\(r.transport) (not negotiated)")
             }
+            for r in begin.regions where table.region(id: r.regionID)?.flags.contains(.releasedBySender) == true && r.transport != .gift && r.transport != .pipeCopy {
+                throw .invalidField(command: "transferBegin", field: "transport of released region \(r.regionID)", value: "\(r.transport) (release mode needs gift or pipe-copy)")
+            }
             for r in begin.regions where r.transport == .memfd && r.descriptorIndex < 0 {
                 throw .invalidField(command: "transferBegin", field: "descriptor of memfd region \(r.regionID)", value: "none")
             }
@@ -112,10 +121,10 @@ public struct ReceiverMachine: Sendable {
         case let (.receiving, .chunkChecksums(first, sums)):
             return (state, .recordChecksums(firstChunk: Int(first), checksums: sums))
 
-        case let (.receiving, .transferEnd(chunks, bytes)):
-            return (state, .noteTransferEnd(chunkCount: Int(chunks), bytes: bytes))
+        case let (.receiving(session, table, begin), .transferEnd(chunks, bytes)):
+            return (.transferEnded(session, table, begin), .noteTransferEnd(chunkCount: Int(chunks), bytes: bytes))
 
-        case let (.receiving(session, table, _), .verify(digests)):
+        case let (.transferEnded(session, table, _), .verify(digests)):
             for region in table.regions where digests[region.id] == nil {
                 throw .invalidField(command: "verify", field: "digest of region \(region.id)", value: "missing")
             }

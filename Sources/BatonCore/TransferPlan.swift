@@ -108,3 +108,15 @@ public struct TransferPlan: Equatable, Sendable {
         return (0..<n).map { i in (i * pages / n) * UInt64(pageSize.bytes) }
     }
 }
+
+extension Array where Element == Chunk {
+    /// Consecutive chunks grouped by `key` (a lane's chunks by transport), order kept.
+    public func runs<K: Equatable>(by key: (Chunk) -> K) -> [(K, [Chunk])] {
+        var out: [(K, [Chunk])] = []
+        for c in self {
+            let k = key(c)
+            if let last = out.last, last.0 == k { out[out.count - 1].1.append(c) } else { out.append((k, [c])) }
+        }
+        return out
+    }
+}

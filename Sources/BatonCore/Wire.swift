@@ -11,8 +11,14 @@ public struct WireWriter {
     public mutating func i32(_ v: Int32) { u32(UInt32(bitPattern: v)) }
 
     /// A string as a u16 byte count followed by UTF-8 (truncated to 1024 bytes).
+    /// At most 1024 bytes, cut at a character boundary (the peer refuses invalid UTF-8).
     public mutating func string(_ s: String) {
-        let utf8 = Array(s.utf8.prefix(1024))
+        var utf8: [UInt8] = []
+        for c in s {
+            let bytes = Array(String(c).utf8)
+            if utf8.count + bytes.count > 1024 { break }
+            utf8 += bytes
+        }
         u16(UInt16(utf8.count))
         bytes += utf8
     }
@@ -51,6 +57,7 @@ public struct WireReader {
     /// Strict: invalid UTF-8 is refused rather than repaired, so what decodes re-encodes identically.
     public mutating func string(_ field: String) throws(ProtocolError) -> String {
         let n = Int(try u16(field))
+        guard n <= 1024 else { throw .invalidField(command: "string", field: field, value: "\(n) bytes (at most 1024)") }
         let bytes = try take(n, field)
         let text = String(decoding: bytes, as: UTF8.self)
         guard Array(text.utf8) == Array(bytes) else { throw .invalidField(command: "string", field: field, value: "invalid UTF-8") }

@@ -141,6 +141,8 @@ public final class UnixSocket: @unchecked Sendable {
     }
 
     public func shutdownWrite() { _ = Glibc.shutdown(fd.raw, Int32(SHUT_WR)) }
+    /// Ends reading: a thread blocked in a receive on this socket sees end of stream at once.
+    public func shutdownRead() { _ = Glibc.shutdown(fd.raw, Int32(SHUT_RD)) }
 }
 
 /// A listening Unix socket bound to a path (created 0600; the caller keeps its directory 0700).

@@ -1,3 +1,4 @@
+import BatonCore
 import BatonSystem
 import Foundation
 import Glibc
@@ -29,8 +30,11 @@ public struct HTTPResponse: Sendable {
         return HTTPResponse(status: status, body: Array((try? encoder.encode(value)) ?? Data("{}".utf8)))
     }
 
-    public static func error(_ status: Int, _ message: String) -> HTTPResponse {
-        json(["error": message], status: status)
+    /// An error body: the one-line message and its typed code (HandoffErrorCode), which the
+    /// controller decides on. The code defaults from the status.
+    public static func error(_ status: Int, _ message: String, code: HandoffErrorCode? = nil) -> HTTPResponse {
+        let kind = code ?? (status == 409 ? .invalidState : (400..<500).contains(status) ? .badRequest : .failed)
+        return json(["error": message, "code": kind.rawValue], status: status)
     }
 
     static func reason(_ status: Int) -> String {

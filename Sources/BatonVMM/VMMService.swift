@@ -157,7 +157,9 @@ public final class VMMService: @unchecked Sendable {
         } catch let e as VMConfig.Invalid {
             return .error(400, "\(e)")
         } catch {
-            return .error(500, "\(error)")
+            // Agent failures (and anything else): the shared classification travels with the text.
+            let isAgent = error is AgentError || error is ProtocolError || error is TransferError
+            return .error(500, "\(error)", code: isAgent ? AgentError.wrap(error).code : .failed)
         }
     }
 

@@ -25,7 +25,7 @@ let goldenMessages: [(String, Message)] = [
     ("transferBegin", .transferBegin(TransferBegin(lanes: 2, chunkSize: 1 << 20, pipeCapacity: 1 << 20, sourcePID: 4242,
                                                    fullVerification: false, regions: [
                                                        RegionTransfer(regionID: 0, transport: .gift, sourceAddress: 0x7f00_0000_0000),
-                                                       RegionTransfer(regionID: 7, transport: .memfd, descriptorIndex: 2, descriptorOffset: 0x1000),
+                                                       RegionTransfer(regionID: 7, transport: .memfd, descriptorIndex: 2),
                                                    ], descriptorCount: 3))),
     ("chunkChecksums", .chunkChecksums(firstChunk: 4, checksums: [0x1122_3344_5566_7788, 1])),
     ("transferEnd", .transferEnd(chunkCount: 14, bytes: 0x1_0000_0000)),
@@ -152,6 +152,10 @@ struct ReceiverMachineTests {
         var (state, _) = try machine.step(.awaitingHello, hello)
         (state, _) = try machine.step(state, .regionTable(sampleTable))
         (state, _) = try machine.step(state, .transferBegin(begin))
+        #expect(throws: ProtocolError.invalidMessage(state: "receiving", message: "verify"), "verify needs transferEnd first") {
+            try machine.step(state, .verify(digests: [0: 1, 7: 2]))
+        }
+        (state, _) = try machine.step(state, .transferEnd(chunkCount: 2, bytes: 0x12000))
         (state, _) = try machine.step(state, .verify(digests: [0: 1, 7: 2]))
         state = machine.verificationFinished(state, mismatch: Mismatch(regionID: 7, offset: 0x1000, detail: "chunk 1 checksum differs"))
         #expect(state == .failed(reason: "region 7 offset 0x1000: chunk 1 checksum differs"))
@@ -165,6 +169,9 @@ struct ReceiverMachineTests {
         #expect(action == .reply(.welcome(version: ProtocolVersion.current, capabilities: .all)))
         if case .awaitingRegions(let session) = state { #expect(session.version == ProtocolVersion.current) } else { Issue.record("\(state)") }
         #expect(ProtocolVersion.negotiate(peerCurrent: newer, peerOldest: newer) == nil)
+        #expect(throws: ProtocolError.invalidField(command: "hello", field: "oldest version", value: "2 (above the version it offers, 1)")) {
+            try machine.step(.awaitingHello, .hello(version: 1, oldestVersion: 2, pageSize: 4096, capabilities: .all))
+        }
         #expect(ProtocolVersion.negotiate(peerCurrent: 1, peerOldest: 2) == nil)
         #expect(ProtocolVersion.negotiate(peerCurrent: ProtocolVersion.current, peerOldest: 1) == ProtocolVersion.current)
     }

@@ -66,6 +66,54 @@ struct BadPeerTests {
         #expect(failure?.contains("not the memfd announced") == true, "the peer is told: \(failure ?? "nothing")")
     }
 
+    @Test("one lane carrying two transports (process_vm_readv chunks, then pipe-copy chunks) is received intact")
+    func mixedTransportsOnOneLane() throws {
+        let (ours, theirs) = try UnixSocket.pair()
+        final class Received: @unchecked Sendable { var regions: [DestinationRegion] = []; var error: Error? }
+        let got = Received()
+        let job = try LaneJob(lanes: 1, pin: false) { _ in
+            let agent = NewInstanceAgent(connection: AgentConnection(socket: theirs), stallTimeoutSeconds: 5)
+            do { got.regions = try agent.receive() } catch { got.error = error }
+        }
+        let peer = AgentConnection(socket: ours, faults: FaultPlan())
+        try peer.send(.hello(version: ProtocolVersion.current, oldestVersion: 1, pageSize: UInt32(Host.pageSize), capabilities: .all))
+        _ = try peer.receive(whileIn: "awaiting welcome")
+        let size = 1 << 20, page = PageSize(Host.pageSize)
+        let a = try MemoryMapping.anonymous(length: size), b = try MemoryMapping.anonymous(length: size)
+        TestPattern.fill(a.base, count: size, seed: 5)
+        TestPattern.fill(b.base, count: size, seed: 5, firstWord: UInt64(size / 8))
+        let table = try RegionTable([GuestRegion(id: 0, guestAddress: 0, length: UInt64(size)), GuestRegion(id: 1, guestAddress: UInt64(size), length: UInt64(size))], pageSize: page)
+        try peer.send(.regionTable(table))
+        _ = try peer.receive(whileIn: "awaiting regionsReady")
+        let transfers = [RegionTransfer(regionID: 0, transport: .processVmReadv, sourceAddress: UInt64(UInt(bitPattern: a.base))),
+                         RegionTransfer(regionID: 1, transport: .pipeCopy)]
+        let plan = try TransferPlan(table: table, transfers: transfers, lanes: 1, chunkSize: 256 << 10, fullVerification: false)
+        #expect(Set(plan.chunks.map(\.lane)) == [0], "one lane carries both regions")
+        let pipe = try BatonSystem.Pipe()
+        try peer.send(.transferBegin(TransferBegin(lanes: 1, chunkSize: 256 << 10, pipeCapacity: 0, sourcePID: getpid(), fullVerification: false,
+                                                   regions: transfers, descriptorCount: 1)), descriptors: [pipe.readEnd])
+        pipe.readEnd.close()
+        let bases: [UInt32: UnsafeMutableRawPointer] = [0: a.base, 1: b.base]
+        for c in plan.chunks where c.regionID == 1 {
+            var done = 0
+            while done < Int(c.length) { done += try pipe.writeEnd.write(from: b.base + Int(c.offset) + done, count: Int(c.length) - done) }
+        }
+        pipe.writeEnd.close()
+        let sums = plan.chunks.map { ChunkChecksum.compute(base: bases[$0.regionID]! + Int($0.offset), count: Int($0.checkedLength), seed: UInt64($0.index)) }
+        try peer.send(.chunkChecksums(firstChunk: 0, checksums: sums))
+        try peer.send(.transferEnd(chunkCount: UInt32(sums.count), bytes: table.totalBytes))
+        try peer.send(.verify(digests: plan.regionDigests(checksums: sums, table: table)))
+        let (result, _) = try peer.receive(whileIn: "awaiting verifyResult")
+        guard case .verifyResult(nil, _) = result else { Issue.record("\(result) \(got.error.map { "\($0)" } ?? "")"); return }
+        try peer.send(.commit)
+        _ = try peer.receive(whileIn: "awaiting committed")
+        try job.wait()
+        #expect(got.error == nil, "\(got.error.map { "\($0)" } ?? "")")
+        for d in got.regions {
+            #expect(TestPattern.firstMismatch(d.base, count: size, seed: 5, firstWord: d.region.guestAddress / 8) == nil, "region \(d.region.id)")
+        }
+    }
+
     @Test("a peer speaking another protocol version")
     func otherVersion() throws {
         let (error, failure) = try feed([Message.hello(version: 9, oldestVersion: 9, pageSize: 4096, capabilities: .all).encoded(version: 9)])

@@ -28,6 +28,17 @@ struct FaultTests {
         #expect(r.received.outcome?.committed == false)
     }
 
+    @Test("release mode: a corrupted chunk is judged in its lane, both sides exit 4 naming it, nothing is lost")
+    func corruptChunkReleasing() throws {
+        let child = try ReceiverChild(seed: 1, environment: ["BATON_FAULT": "corrupt-chunk:3"])
+        let sent = try BatonProcess(["agent", "send", "--socket", child.socket, "--size", "16MiB", "--transport", "gift", "--release-source"]).finish()
+        let received = child.finish()
+        #expect(sent.status == 4, "\(sent.stderr)")
+        #expect(sent.stderr.contains("chunk 3 checksum"), "\(sent.stderr)")
+        #expect(received.status == 4, "the receiver reports its own integrity failure, not the abandon that follows: \(received.stderr)")
+        #expect(received.outcome?.committed == false && received.outcome?.error?.contains("chunk 3") == true, "\(received.outcome?.error ?? "")")
+    }
+
     @Test("a pipe closed early fails the handoff on both sides")
     func pipeClosedEarly() throws {
         let r = try run(sender: "close-pipe-after-chunk:2")

@@ -50,6 +50,15 @@ struct TwoProcessTransferTests {
         #expect(TestPattern.firstMismatch(source.base, count: Self.size, seed: seed) == nil)
     }
 
+    @Test("agent receive --seed: bytes that commit but differ from the pattern exit 4, naming the address")
+    func patternMismatchExits4() throws {
+        let receiver = try ReceiverChild(seed: 2)  // agent send fills with seed 1
+        let sent = try BatonProcess(["agent", "send", "--socket", receiver.socket, "--size", "4MiB", "--transport", "copy"]).finish()
+        let done = receiver.finish()
+        #expect(sent.status == 0)
+        #expect(done.status == 4 && done.stderr.contains("differ from the test pattern (seed 2) at guest address 0x0"), "\(done.stderr)")
+    }
+
     @Test("the memfd transport refuses anonymous memory before sending anything")
     func memfdNeedsMemfd() throws {
         let source = try patternedRegion(bytes: 1 << 20, memfd: false, seed: 3)
