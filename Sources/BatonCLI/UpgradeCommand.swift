@@ -142,7 +142,12 @@ struct UpgradeCommand: ParsableCommand {
         }
         guard let binary else { throw fail("--binary: give the new batonvmm", .usage) }
         if let service {
-            let reply = try ServiceClient.request(service, ["op": "upgrade", "vm": vm, "binary": binary, "transport": transport, "release_source": releaseSource])
+            // The service keeps its own journals and run directory; everything else goes along.
+            if journal != nil || runDirectoryOption != nil {
+                throw fail("--service: the service keeps its journals and run files in its state directory; drop --journal and --run-directory", .usage)
+            }
+            let reply = try ServiceClient.request(service, ["op": "upgrade", "vm": vm, "binary": binary, "transport": transport, "release_source": releaseSource,
+                                                            "in_place": inPlace || chDomain, "digest": digest, "strict": strict])
             if json, let report = reply["report"] {
                 print(String(decoding: try JSONSerialization.data(withJSONObject: report, options: [.sortedKeys]), as: UTF8.self))
             } else if let line = reply["line"] as? String {

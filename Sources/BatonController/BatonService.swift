@@ -131,6 +131,9 @@ public final class BatonService: @unchecked Sendable {
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
         options.transport = request["transport"] as? String ?? "auto"
         options.releaseSource = request["release_source"] as? Bool ?? false
+        options.inPlace = request["in_place"] as? Bool ?? false
+        options.digest = request["digest"] as? Bool ?? false
+        options.strict = request["strict"] as? Bool ?? false
         options.runDirectory = stateDirectory + "/run"
         options.journalPath = stateDirectory + "/journal-\(vm.hashValue.magnitude)-\(Int(Date().timeIntervalSince1970 * 1000)).jsonl"
         // The fault switch (tests, the harness): the same variable the CLI reads.

@@ -171,4 +171,23 @@ struct ServiceUpgradeTests {
         let replies = try readAll(many).split(separator: "\n")
         #expect(replies.count == 10_000 && replies.allSatisfy { $0.contains(#""ok":true"#) }, "\(replies.count) replies")
     }
+
+    @Test("--service carries --in-place (the pid stays) and refuses --journal, which the service keeps itself")
+    func serviceInPlace() throws {
+        let dir = try BatonProcess.makeRunDirectory("svc-inplace")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let socket = dir + "/serve.sock"
+        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
+        defer { serve.kill(SIGTERM); _ = serve.finish() }
+        #expect(BatonProcess.waitForPath(socket))
+        let vm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vm.stop() }
+        let next = dir + "/batonvmm-next"
+        try Executable.copy(from: batonvmmPath, to: next)
+        let refused = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--journal", dir + "/j.jsonl"]).finish()
+        #expect(refused.status == 64 && refused.stderr.contains("drop --journal and --run-directory"), "\(refused.stderr)")
+        let r = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--in-place"]).finish()
+        #expect(r.status == 0 && r.stdout.contains("via exec-in-place"), "\(r.stdout) \(r.stderr)")
+        #expect(try vm.status().pid == vm.pid, "exec in place keeps the pid")
+    }
 }
