@@ -1,28 +1,32 @@
 import CBatonLinux
 import Glibc
+import Synchronization
 
-/// Owns one file descriptor and closes it exactly once (on `close()` or deinit).
+/// Owns one file descriptor and closes it exactly once (on `close()` or deinit), even when two
+/// threads close it at once (a failing lane and the agent stopping the lanes): the number is
+/// taken atomically, so a second close never closes a descriptor reopened under that number.
 public final class FileDescriptor: @unchecked Sendable, CustomStringConvertible {
-    public private(set) var raw: Int32
+    private let storage: Atomic<Int32>
+
+    public var raw: Int32 { storage.load(ordering: .acquiring) }
 
     public init(owning raw: Int32) {
         precondition(raw >= 0, "FileDescriptor needs a valid descriptor, got \(raw)")
-        self.raw = raw
+        storage = Atomic(raw)
     }
 
-    deinit { if raw >= 0 { Glibc.close(raw) } }
+    deinit { let fd = storage.load(ordering: .acquiring); if fd >= 0 { Glibc.close(fd) } }
 
     public var description: String { "fd \(raw)" }
 
     public func close() {
-        if raw >= 0 { Glibc.close(raw); raw = -1 }
+        let fd = storage.exchange(-1, ordering: .acquiringAndReleasing)
+        if fd >= 0 { Glibc.close(fd) }
     }
 
     /// Gives up ownership without closing (for example after handing the fd to exec).
     public func release() -> Int32 {
-        let r = raw
-        raw = -1
-        return r
+        storage.exchange(-1, ordering: .acquiringAndReleasing)
     }
 
     public func duplicate() throws -> FileDescriptor {

@@ -45,10 +45,16 @@ public final class BatonProcess: @unchecked Sendable {
 
     /// Waits for exit and returns (status, stdout, stderr).
     public func finish() -> (status: Int32, stdout: String, stderr: String) {
+        // Both pipes at once: a child that fills one while we wait for the other's end would
+        // block forever (a sanitizer's reports easily pass a pipe's 64 KiB).
+        final class Drained: @unchecked Sendable { var data = Data() }
+        let err = Drained(), done = DispatchSemaphore(value: 0)
+        let errHandle = stderr.fileHandleForReading
+        Thread { err.data = errHandle.readDataToEndOfFile(); done.signal() }.start()
         let out = stdout.fileHandleForReading.readDataToEndOfFile()
-        let err = stderr.fileHandleForReading.readDataToEndOfFile()
+        done.wait()
         process.waitUntilExit()
-        return (process.terminationStatus, String(decoding: out, as: UTF8.self), String(decoding: err, as: UTF8.self))
+        return (process.terminationStatus, String(decoding: out, as: UTF8.self), String(decoding: err.data, as: UTF8.self))
     }
 
     public func kill(_ signal: Int32 = SIGKILL) { Glibc.kill(process.processIdentifier, signal) }

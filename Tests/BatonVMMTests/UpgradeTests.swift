@@ -301,7 +301,8 @@ struct InPlaceUpgradeTests {
         let after = try vmm.status()
         #expect(after.pid == pid && after.state == "Running")
         let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
-        #expect(exe == (phase == "committed" ? binary : batonvmmPath), "\(exe)")
+        let expected = URL(fileURLWithPath: phase == "committed" ? binary : batonvmmPath).resolvingSymlinksInPath().path
+        #expect(exe == expected, "\(exe)")
         expectMatchesModel(try vmm.beat(after: before.counter), "after recovery")
         #expect(try BatonProcess(["recover", "--journal", journal]).finish().stdout.contains("already finished"))
     }
