@@ -53,9 +53,19 @@ public struct IncomingHandoff {
         }
     }
 
+    /// Whether the failure is the old instance's side going away (socket closed or reset, a
+    /// message cut off, a pipe broken), decided on the error's type, never its text: only then
+    /// may this instance check whether the old one died and hold the guest for adoption.
     static func isPeerGone(_ error: Error) -> Bool {
-        let text = "\(error)"
-        return text.contains("peer closed") || text.contains("ECONNRESET") || text.contains("EPIPE") || text.contains("truncated")
+        func gone(_ e: SyscallError) -> Bool { e.errno == EPIPE || e.errno == ECONNRESET }
+        switch AgentError.wrap(error) {
+        case .protocolViolation(.peerClosed), .protocolViolation(.truncatedHeader), .protocolViolation(.truncatedPayload): return true
+        // A dying sender's pipes end too; whether it really died is checked by its pid after.
+        case .transfer(.pipeClosedEarly): return true
+        case .system(let e): return gone(e)
+        case .transfer(.syscall(let e, _, _)): return gone(e)
+        default: return false
+        }
     }
 
     public enum Outcome {
