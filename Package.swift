@@ -37,7 +37,7 @@ let package = Package(
         .target(name: "CBatonKVM"),
         // The reference hypervisor: KVM or simulated vCPUs, the reference guest and its model,
         // vCPU state format, the Cloud Hypervisor-dialect API; embeds the agents.
-        .target(name: "BatonVMM", dependencies: ["CBatonKVM", "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport"]),
+        .target(name: "BatonVMM", dependencies: ["CBatonKVM", "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent"]),
         // libvirt's C API (Debian's libvirt-dev).
         .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
         // Baton's libvirt adapter: connections, domains, metadata, events, HypervisorControl.

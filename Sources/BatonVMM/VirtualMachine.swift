@@ -1,6 +1,5 @@
 import BatonCore
 import BatonSystem
-import BatonTestSupport
 import CBatonKVM
 import Foundation
 import Glibc

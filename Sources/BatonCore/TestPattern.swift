@@ -1,9 +1,7 @@
-// BatonTestSupport: fixtures shared by tests, `baton bench` and the harness. Real memory,
-// real processes; nothing here fakes a kernel interface.
-
 /// A deterministic, position-dependent fill for guest RAM: word i of a buffer filled with
 /// seed s is splitmix64(s ^ (base + i)), so a receiver can check any byte independently of
-/// Baton's own checksums.
+/// Baton's own checksums. Pure, and specified (Docs/PROTOCOL.md §11): batonvmm fills guest RAM
+/// with it, `baton agent send/receive --seed` write and check it, tests and benchmarks use it.
 public enum TestPattern {
     @inline(__always) static func word(_ seed: UInt64, _ index: UInt64) -> UInt64 {
         var z = (seed ^ index) &+ 0x9E37_79B9_7F4A_7C15
