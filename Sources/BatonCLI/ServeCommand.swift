@@ -214,7 +214,9 @@ struct ServeCommand: ParsableCommand {
                 lineStart = nl + 1
                 scanned = lineStart
                 if line.isEmpty { continue }
+                service.replyStarted()
                 try? client.send(Array((service.handle(line) + "\n").utf8))
+                service.replyWritten()
             }
             buffer.removeFirst(lineStart)
             scanned = buffer.count

@@ -205,5 +205,11 @@ public final class BatonService: @unchecked Sendable {
         return metricsText()
     }
 
-    public var busy: Bool { lock.lock(); defer { lock.unlock() }; return !inFlight.isEmpty }
+    public var busy: Bool { lock.lock(); defer { lock.unlock() }; return !inFlight.isEmpty || repliesPending > 0 }
+
+    /// Requests handled whose reply line is not written yet: a drain waits for them too, or an
+    /// upgrade that just finished would exit the service before its client heard the outcome.
+    var repliesPending = 0
+    public func replyStarted() { lock.lock(); repliesPending += 1; lock.unlock() }
+    public func replyWritten() { lock.lock(); repliesPending -= 1; lock.unlock() }
 }
