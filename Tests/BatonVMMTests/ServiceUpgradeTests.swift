@@ -5,21 +5,40 @@ import Foundation
 import Glibc
 import Testing
 
+/// A `baton serve` on a socket and state directory of its own, listening before the test goes on.
+struct ServiceUnderTest {
+    let dir: String
+    let socket: String
+    let serve: BatonProcess
+
+    init(_ name: String, arguments: [String] = [], environment: [String: String] = [:]) throws {
+        dir = try BatonProcess.makeRunDirectory(name)
+        socket = dir + "/serve.sock"
+        serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"] + arguments, environment: environment)
+        #expect(BatonProcess.waitForPath(socket))
+    }
+
+    /// A copy of batonvmm in the service's directory, as an operator would install it.
+    func nextBatonvmm() throws -> String { try newBinary(in: dir) }
+
+    func stop(_ signal: Int32 = SIGTERM) {
+        serve.kill(signal)
+        _ = serve.finish()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+}
+
 @Suite("baton serve runs upgrades one per VM, different VMs concurrently")
 struct ServiceUpgradeTests {
     @Test("same VM twice at once: one runs, one is refused; two VMs at once: both complete")
     func concurrency() throws {
-        let dir = try BatonProcess.makeRunDirectory("svc")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let socket = dir + "/serve.sock"
-        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
-        defer { serve.kill(SIGTERM); _ = serve.finish() }
-        #expect(BatonProcess.waitForPath(socket))
+        let service = try ServiceUnderTest("svc")
+        defer { service.stop() }
+        let socket = service.socket
         let a = try RunningVMM(ram: "256MiB", simulated: true)
         let b = try RunningVMM(ram: "64MiB", simulated: true)
         defer { a.stop(); b.stop() }
-        let next = dir + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: next)
+        let next = try service.nextBatonvmm()
         func submit(_ vm: RunningVMM) throws -> BatonProcess {
             try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--transport", "gift"])
         }
@@ -82,16 +101,12 @@ struct ServiceUpgradeTests {
 
     @Test("the new instance a service upgrade started is reaped when it exits, never left a zombie")
     func reapsNewInstances() throws {
-        let dir = try BatonProcess.makeRunDirectory("svc-reap")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let socket = dir + "/serve.sock"
-        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
-        defer { serve.kill(SIGTERM); _ = serve.finish() }
-        #expect(BatonProcess.waitForPath(socket))
+        let service = try ServiceUnderTest("svc-reap")
+        defer { service.stop() }
+        let (socket, serve) = (service.socket, service.serve)
         let vm = try RunningVMM(ram: "64MiB", simulated: true)
         defer { vm.stop() }
-        let next = dir + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: next)
+        let next = try service.nextBatonvmm()
         let upgrade = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--transport", "memfd"]).finish()
         #expect(upgrade.status == 0, "\(upgrade.stderr)")
         let newPid = try vm.status().pid
@@ -110,18 +125,13 @@ struct ServiceUpgradeTests {
 
     @Test("SIGTERM while an upgrade holds its guest paused: the service stops accepting, lets the upgrade finish, then exits 0")
     func drainsOnSIGTERM() throws {
-        let dir = try BatonProcess.makeRunDirectory("svc-drain")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let socket = dir + "/serve.sock"
         // The upgrade stalls 2 s with the guest paused, so the signal lands inside the pause.
-        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state", "--drain-seconds", "30"],
-                                     environment: ["BATON_CONTROLLER_FAULT": "stall-after:paused"])
-        defer { serve.kill(SIGKILL); _ = serve.finish() }
-        #expect(BatonProcess.waitForPath(socket))
+        let service = try ServiceUnderTest("svc-drain", arguments: ["--drain-seconds", "30"], environment: ["BATON_CONTROLLER_FAULT": "stall-after:paused"])
+        defer { service.stop(SIGKILL) }
+        let (socket, serve) = (service.socket, service.serve)
         let vm = try RunningVMM(ram: "64MiB", simulated: true)
         defer { vm.stop() }
-        let next = dir + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: next)
+        let next = try service.nextBatonvmm()
         let upgrade = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--transport", "memfd"])
         var paused = false
         for _ in 0..<400 where !paused {
@@ -144,12 +154,9 @@ struct ServiceUpgradeTests {
 
     @Test("a request line without end gets one error and a close; ten thousand requests in one write each get their reply")
     func boundedRequestLines() throws {
-        let dir = try BatonProcess.makeRunDirectory("svc-lines")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let socket = dir + "/serve.sock"
-        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
-        defer { serve.kill(SIGTERM); _ = serve.finish() }
-        #expect(BatonProcess.waitForPath(socket))
+        let service = try ServiceUnderTest("svc-lines")
+        defer { service.stop() }
+        let socket = service.socket
         func readAll(_ s: UnixSocket) throws -> String {
             var out: [UInt8] = []
             while true {
@@ -174,16 +181,12 @@ struct ServiceUpgradeTests {
 
     @Test("--service carries --in-place (the pid stays) and refuses --journal, which the service keeps itself")
     func serviceInPlace() throws {
-        let dir = try BatonProcess.makeRunDirectory("svc-inplace")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let socket = dir + "/serve.sock"
-        let serve = try BatonProcess(["serve", "--socket", socket, "--state", dir + "/state"])
-        defer { serve.kill(SIGTERM); _ = serve.finish() }
-        #expect(BatonProcess.waitForPath(socket))
+        let service = try ServiceUnderTest("svc-inplace")
+        defer { service.stop() }
+        let (dir, socket) = (service.dir, service.socket)
         let vm = try RunningVMM(ram: "64MiB", simulated: true)
         defer { vm.stop() }
-        let next = dir + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: next)
+        let next = try service.nextBatonvmm()
         let refused = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--journal", dir + "/j.jsonl"]).finish()
         #expect(refused.status == 64 && refused.stderr.contains("drop --journal and --run-directory"), "\(refused.stderr)")
         let r = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--in-place"]).finish()

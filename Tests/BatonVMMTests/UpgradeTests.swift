@@ -7,16 +7,16 @@ import Foundation
 import Glibc
 import Testing
 
+/// A second copy of batonvmm in `dir`, as an operator would install it (every suite here uses it).
+func newBinary(in dir: String) throws -> String {
+    let path = dir + "/batonvmm-next"
+    try? FileManager.default.removeItem(atPath: path)
+    try Executable.copy(from: batonvmmPath, to: path)
+    return path
+}
+
 @Suite("In-place upgrade of a running guest")
 struct UpgradeTests {
-    /// A second copy of the binary, as an operator would install it.
-    func newBinary(in dir: String) throws -> String {
-        let path = dir + "/batonvmm-next"
-        try? FileManager.default.removeItem(atPath: path)
-        try Executable.copy(from: batonvmmPath, to: path)
-        return path
-    }
-
     func upgrade(_ vmm: RunningVMM, transport: String, binary: String) throws -> UpgradeReport {
         var options = UpgradeOptions(vmSocket: vmm.socket, binary: binary)
         options.transport = transport
@@ -200,8 +200,7 @@ struct RecoveryTests {
         for phase in [UpgradeJournal.Phase.started, .newInstanceReady, .prepared, .paused] {
             try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: vmm.socket, oldPid: oldPid, newPid: nil))
         }
-        let next = vmm.directory + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: next)
+        let next = try newBinary(in: vmm.directory)
         let refused = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--journal", path]).finish()
         #expect(refused.status == 5 && refused.stderr.contains("holds an unfinished upgrade of \(vmm.socket) (last phase paused)"), "\(refused.stderr)")
         #expect(try vmm.status().state == "Paused", "a refused upgrade touches nothing")
@@ -218,8 +217,7 @@ struct RecoveryTests {
         let vmm = try RunningVMM(simulated: true)
         defer { vmm.stop() }
         let oldPid = try vmm.status().pid
-        let next = vmm.directory + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: next)
+        let next = try newBinary(in: vmm.directory)
         let path = vmm.directory + "/journal.jsonl"
         // Durable writes: started, newInstanceReady, prepared, then committing (the 4th fsync).
         let r = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--journal", path, "--transport", "memfd"],
@@ -258,8 +256,7 @@ struct InPlaceUpgradeTests {
         if !simulated, let why = KVMHost.unavailableReason { try Test.cancel("KVM unavailable: \(why)") }
         let vmm = try RunningVMM(ram: "256MiB", simulated: simulated)
         defer { vmm.stop() }
-        let binary = vmm.directory + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: binary)
+        let binary = try newBinary(in: vmm.directory)
         let pid = try vmm.status().pid
         var last = try vmm.beat()
         for _ in 0..<2 {
@@ -282,8 +279,7 @@ struct InPlaceUpgradeTests {
     func inPlaceControllerKilled(_ phase: String, _ expected: String) throws {
         let vmm = try RunningVMM(ram: "64MiB", simulated: true)
         defer { vmm.stop() }
-        let binary = vmm.directory + "/batonvmm-next"
-        try Executable.copy(from: batonvmmPath, to: binary)
+        let binary = try newBinary(in: vmm.directory)
         let pid = try vmm.status().pid
         let before = try vmm.beat()
         let journal = vmm.directory + "/inplace.jsonl"
