@@ -49,15 +49,14 @@ let package = Package(
         // QEMU under libvirt: QMP, command-line translation, cpr-transfer / x-ignore-shared
         // handover, libvirt adopting the new process.
         .target(name: "BatonQEMU", dependencies: ["BatonSystem", "BatonCore", "BatonController", "BatonLibvirt"]),
-        // The handoff harness: fault matrix, load, reports.
-        .target(name: "BatonHarness", dependencies: ["BatonController", "BatonVMM", "BatonCore", "BatonSystem", "BatonTestSupport", "BatonLibvirt", "BatonQEMU"]),
+        // The handoff harness: fault matrix, load, reports, and how it and the benchmarks drive
+        // and observe processes from outside (the baton executable as a child, RSS, a guest's console).
+        .target(name: "BatonHarness", dependencies: ["BatonController", "BatonVMM", "BatonCore", "BatonSystem", "BatonLibvirt", "BatonQEMU"]),
         // /etc/baton/baton.toml: parsed with TOMLKit, validated key by key with line numbers.
         .target(name: "BatonConfiguration", dependencies: [.product(name: "TOMLKit", package: "TOMLKit")]),
-        // Fixtures shared by tests, benchmarks and the harness (patterns, child processes).
-        .target(name: "BatonTestSupport", dependencies: ["BatonSystem", "BatonCore"]),
         // Command implementations (check, bench, agent helpers); the executable only calls in.
         .target(name: "BatonCLI", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt", "BatonQEMU", "BatonConfiguration",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonController", "BatonVMM", "BatonHarness", "BatonLibvirt", "BatonQEMU", "BatonConfiguration",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Prometheus", package: "swift-prometheus"),
@@ -69,16 +68,17 @@ let package = Package(
             "BatonVMM", "BatonCore", "BatonSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore", "BatonTestSupport"]),
+        .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
+        .testTarget(name: "BatonControllerTests", dependencies: ["BatonController"]),
         .testTarget(name: "BatonConfigurationTests", dependencies: ["BatonConfiguration", "baton"]),
         .testTarget(name: "BatonVMMTests", dependencies: [
-            "BatonVMM", "BatonController", "BatonHarness", "BatonLibvirt", "BatonSystem", "BatonCore", "BatonTestSupport", "batonvmm", "baton",
+            "BatonVMM", "BatonController", "BatonHarness", "BatonLibvirt", "BatonSystem", "BatonCore", "batonvmm", "baton",
         ]),
         .testTarget(name: "BatonFuzzTests", dependencies: ["BatonCore", "BatonVMM"]),
-        .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonQEMU", "BatonController", "BatonSystem", "BatonTestSupport", "baton"]),
+        .testTarget(name: "BatonLibvirtTests", dependencies: ["BatonLibvirt", "BatonQEMU", "BatonController", "BatonSystem", "BatonHarness", "baton"]),
         .testTarget(name: "BatonSystemTests", dependencies: ["BatonSystem", "CBatonLinux"]),
         .testTarget(name: "BatonTransferTests", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonTestSupport", "BatonCLI", "baton",
+            "BatonSystem", "BatonCore", "BatonTransfer", "BatonAgent", "BatonHarness", "BatonCLI", "baton",
         ]),
     ]
 )

@@ -2,6 +2,7 @@ import BatonCore
 import BatonSystem
 import BatonTransfer
 import Glibc
+import Synchronization
 
 /// Supplies the new instance's guest-RAM mapping for a region. Called before the pause, so
 /// it should map and pre-fault (or ask for THP) now: page faults cost more than the copy.
@@ -45,6 +46,11 @@ public final class NewInstanceAgent {
     var plannedChunks: [Chunk] = []
     /// Bytes received so far (read by a progress line from another thread).
     public let progress = TransferProgress()
+    /// The memfds of streamed regions (held-for-adoption), by region id, until commit or failure.
+    var heldForAdoption: [UInt32: (region: GuestRegion, fd: FileDescriptor)] = [:]
+    /// Who sent this side's one `failure` (a lane, or the agent thread), if it was sent.
+    private let failureReporter = Mutex<FailureReporter?>(nil)
+    private enum FailureReporter { case lane, agent }
 
     public init(connection: AgentConnection, capabilities: Capabilities = .all, stallTimeoutSeconds: Double = 10,
                 expectedUID: UInt32 = getuid(), destinations: @escaping DestinationProvider = DestinationProviders.prefaultedAnonymous) {
@@ -71,26 +77,49 @@ public final class NewInstanceAgent {
                 if let done = try perform(action, descriptors: descriptors) { return done }
             }
         } catch {
-            // A lane's failure is the cause (the agent thread only saw the socket end, below);
-            // a lane stopped by the others' failure never is.
+            var abandoned = false
+            if case .abandoned = state { abandoned = true }
+            // This thread's own finding is told to the sender before the lanes' pipes close, so
+            // the sender reads the reason before its lanes see EPIPE.
+            if !abandoned, !Self.isSocketEnd(error), !isPeerGone(error) { reportFailure(error, by: .agent) }
+            // A lane's failure is the cause when the agent thread only saw the socket end, or
+            // when the lane already told the sender (whose abandon may have arrived since); a
+            // lane stopped by the others' failure never is.
             let laneError = stopLanes()
             var cause = error
-            if let laneError, Self.isSocketEnd(error) {
+            if let laneError, Self.isSocketEnd(error) || failureReporter.withLock({ $0 }) == .lane {
                 cause = laneError
             }
             let wrapped = AgentError.wrap(cause)
-            if case .abandoned = state {} else if !isPeerGone(cause) {
-                let code: UInt16 = if case .integrity = wrapped { FailureCode.integrity } else { FailureCode.failed }
-                try? connection.send(.failure(code: code, message: "\(wrapped)"))
-            }
+            if !abandoned, !isPeerGone(cause) { reportFailure(cause, by: .agent) }
             // What an adoption after the old instance's death could use: everything, if it was
             // all received and verified (only the commit was missing); else only what was handed
             // over as a descriptor (shared with the old instance, complete by construction).
-            if case .awaitingCommit = state {} else {
+            // (Once `commit` arrived everything was verified too: a sender that dies before it hears
+            // `committed` leaves the guest whole here.)
+            if case .awaitingCommit = state {} else if case .committed = state {} else {
                 destinations = destinations.filter { $0.value.region.flags.contains(.arrivesAsDescriptor) }
+                for (id, held) in heldForAdoption {
+                    guard let mapping = try? MemoryMapping.shared(fd: held.fd, offset: 0, length: Int(held.region.length)) else { continue }
+                    destinations[id] = DestinationRegion(region: held.region, mapping: mapping)
+                }
             }
+            heldForAdoption = [:]
             throw wrapped
         }
+    }
+
+    /// Sends this side's one `failure` (code 4 for an integrity failure), once whoever finds it first.
+    private func reportFailure(_ error: Error, by reporter: FailureReporter) {
+        let first = failureReporter.withLock { current in
+            if current != nil { return false }
+            current = reporter
+            return true
+        }
+        guard first else { return }
+        let wrapped = AgentError.wrap(error)
+        let code: UInt16 = if case .integrity = wrapped { FailureCode.integrity } else { FailureCode.failed }
+        try? connection.send(.failure(code: code, message: "\(wrapped)"))
     }
 
     private func isPeerGone(_ error: Error) -> Bool {
@@ -121,13 +150,17 @@ public final class NewInstanceAgent {
         case .prepareDestinations(let table):
             // memfd regions: map what came with the table now (lazily), so this instance holds
             // guest RAM before the pause and could adopt it if the old instance died.
-            let early = table.regions.filter { $0.flags.contains(.arrivesAsDescriptor) }
+            let early = table.regions.filter(\.flags.carriesDescriptor)
             for (region, fd) in zip(early, descriptors) {
                 let size = Int(try fd.status().st_size)
                 guard size >= Int(region.length) else {
                     throw TransferError.memfdTooSmall(regionID: region.id, size: size, needed: Int(region.length))
                 }
-                destinations[region.id] = DestinationRegion(region: region, mapping: try MemoryMapping.shared(fd: fd, offset: 0, length: Int(region.length)))
+                if region.flags.contains(.heldForAdoption) {
+                    heldForAdoption[region.id] = (region, fd)  // kept unmapped: only an adoption maps it
+                } else {
+                    destinations[region.id] = DestinationRegion(region: region, mapping: try MemoryMapping.shared(fd: fd, offset: 0, length: Int(region.length)))
+                }
             }
             var rollback: [FileDescriptor] = []
             for region in table.regions where !region.flags.contains(.arrivesAsDescriptor) {
@@ -166,6 +199,7 @@ public final class NewInstanceAgent {
             state = machine.verificationFinished(state, mismatch: mismatch)
             if let mismatch { throw AgentError.integrity(mismatch) }
         case .commit:
+            heldForAdoption = [:]  // the guest is ours in our own memory: the sender's memfds go
             let regions = destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress }
             try prepareCommit?(regions)
             try connection.send(.committed)
@@ -185,7 +219,7 @@ public final class NewInstanceAgent {
             let chunk = plannedChunks[index]
             let mismatch = Mismatch(regionID: chunk.regionID, offset: chunk.offset,
                                     detail: "chunk \(index) checksum 0x\(String(got, radix: 16)) != sender's 0x\(String(want, radix: 16))")
-            throw AgentError.integrity(mismatch)  // receive() sends the one `failure` (code 4)
+            throw AgentError.integrity(mismatch)  // reportFailure sends the one `failure` (code 4)
         }
     }
 
@@ -251,6 +285,9 @@ public final class NewInstanceAgent {
                     }
                 }
             } catch {
+                // A chunk judged bad here (release mode) is told to the sender before its pipe
+                // closes: otherwise it may see only EPIPE and report that instead.
+                if case .integrity = AgentError.wrap(error) { self.reportFailure(error, by: .lane) }
                 control.cancel()
                 if !pipes.isEmpty { pipes[lane].close() }  // the sender sees EPIPE instead of waiting
                 // Wake the agent thread, blocked reading the socket: it reports this error.

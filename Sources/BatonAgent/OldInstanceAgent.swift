@@ -90,14 +90,18 @@ public final class OldInstanceAgent {
         }
     }
 
-    /// A `failure` the receiver already sent, read without waiting long.
+    /// A `failure` the receiver already sent, read without waiting long: confirmations of
+    /// chunks (release mode) queued ahead of it are passed over.
     private func peerFailureReason() -> (code: UInt16, message: String)? {
-        guard (try? connection.socket.fd.wait(for: Int16(POLLIN), timeoutMilliseconds: 200)) == true else { return nil }
-        do {
-            _ = try connection.receive(whileIn: "failing")
-        } catch ProtocolError.peerFailed(let code, let message) {
-            return (code, message)
-        } catch {}
+        while (try? connection.socket.fd.wait(for: Int16(POLLIN), timeoutMilliseconds: 200)) == true {
+            do {
+                guard case .chunksVerified = try connection.receive(whileIn: "failing").0 else { return nil }
+            } catch ProtocolError.peerFailed(let code, let message) {
+                return (code, message)
+            } catch {
+                return nil
+            }
+        }
         return nil
     }
 
@@ -147,13 +151,16 @@ public final class OldInstanceAgent {
         // piped regions of a releasing sender land in a memfd we can take pages back from.
         let regions = sources.map { s in
             let kind = kinds[s.region.id]!
-            var flags = s.region.flags.subtracting([.arrivesAsDescriptor, .releasedBySender])
+            var flags = s.region.flags.subtracting([.arrivesAsDescriptor, .releasedBySender, .heldForAdoption])
             if kind == .memfd { flags.insert(.arrivesAsDescriptor) }
             if options.releaseSource && (kind == .gift || kind == .pipeCopy) { flags.insert(.releasedBySender) }
+            // A streamed region in a memfd: its memfd goes along too, so that the new instance can
+            // adopt the guest from it if this process dies after the pause.
+            if s.memfd != nil && kind != .memfd && !flags.contains(.releasedBySender) { flags.insert(.heldForAdoption) }
             return GuestRegion(id: s.region.id, guestAddress: s.region.guestAddress, length: s.region.length, flags: flags)
         }
         let table = try RegionTable(regions, pageSize: pageSize)
-        let early = table.regions.filter { $0.flags.contains(.arrivesAsDescriptor) }.compactMap { r in sources.first { $0.region.id == r.id }?.memfd }
+        let early = table.regions.filter(\.flags.carriesDescriptor).compactMap { r in sources.first { $0.region.id == r.id }?.memfd }
         try connection.send(.regionTable(table), descriptors: early)
         // Mapping and pre-faulting the destination scales with RAM (seconds per GiB on a busy
         // host): this one wait gets a budget in proportion, the rest keep the stall timeout.

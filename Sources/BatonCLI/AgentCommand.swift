@@ -2,7 +2,7 @@ import ArgumentParser
 import BatonAgent
 import BatonCore
 import BatonSystem
-import BatonTestSupport
+import BatonHarness
 import BatonTransfer
 import Foundation
 import Glibc

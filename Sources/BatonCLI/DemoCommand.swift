@@ -4,7 +4,6 @@ import BatonController
 import BatonCore
 import BatonHarness
 import BatonSystem
-import BatonTestSupport
 import BatonVMM
 import Foundation
 import Glibc

@@ -3,7 +3,6 @@ import BatonCore
 import BatonHarness
 import BatonQEMU
 import BatonSystem
-import BatonTestSupport
 import Foundation
 import Glibc
 
@@ -33,6 +32,12 @@ struct HarnessCommand: ParsableCommand {
     @Option(help: "Clean upgrades per size and transport for --sizes.")
     var runs: Int = 3
 
+    @Option(name: .customLong("random-kills"), help: "This many upgrades through real `baton upgrade` processes, each with a SIGKILL of the controller, the old or the new instance at a random instant (round-robin over --transports and in-place), then `baton recover`.")
+    var randomKills: Int?
+
+    @Option(help: "Seed for --random-kills (printed in the report; the same seed replays the same kills).")
+    var seed: UInt64?
+
     @Option(help: "Where the Markdown report and SVG charts go.")
     var reportDirectory: String = "harness-report"
 
@@ -40,9 +45,11 @@ struct HarnessCommand: ParsableCommand {
     var json = false
 
     func validate() throws {
-        guard faults != nil || concurrent != nil || sizes != nil else {
-            throw ValidationError("give --faults, --concurrent or --sizes")
+        guard faults != nil || concurrent != nil || sizes != nil || randomKills != nil else {
+            throw ValidationError("give --faults, --concurrent, --sizes or --random-kills")
         }
+        if let randomKills, !(1...10_000).contains(randomKills) { throw ValidationError("--random-kills must be 1...10000") }
+        if randomKills != nil, hypervisor == "qemu" { throw ValidationError("--random-kills: batonvmm only for now (the QEMU matrix kills at every phase boundary)") }
         guard ["batonvmm", "qemu"].contains(hypervisor) else { throw ValidationError("--hypervisor: '\(hypervisor)' is not batonvmm or qemu") }
         if hypervisor == "qemu", sizes != nil { throw ValidationError("--sizes: downtime by size is `baton bench qemu` for QEMU") }
         if let faults, faults != "all", faults != "none" {
@@ -64,8 +71,9 @@ struct HarnessCommand: ParsableCommand {
         let transportList = transports.split(separator: ",").map(String.init)
         let selected = faults.map { f in f == "all" ? HarnessFault.all : HarnessFault.all.filter { f.split(separator: ",").map(String.init).contains($0.name) } } ?? []
         let sizeList = try sizes.map { try $0.split(separator: ",").map { try parseSize(String($0), option: "--sizes") } } ?? []
+        let killModes = transportList + ["in-place"]
         let counter = CaseCounter(total: selected.reduce(0) { n, f in n + transportList.filter(f.applies).count } + (concurrent ?? 0)
-                                  + sizeList.count * transportList.count * runs, json: json)
+                                  + sizeList.count * transportList.count * runs + (randomKills.map { $0 + 2 * killModes.count } ?? 0), json: json)
         harness.progress = counter.note
         harness.caseDone = counter.done
         defer { counter.line.finish() }
@@ -81,6 +89,16 @@ struct HarnessCommand: ParsableCommand {
         }
         if !sizeList.isEmpty {
             report.downtime = harness.downtime(sizes: sizeList, transports: transportList, runs: runs)
+        }
+        if let randomKills {
+            let seed = self.seed ?? UInt64.random(in: 0...UInt64(UInt32.max))
+            counter.note("harness: random kills, seed \(seed) (replay with --seed \(seed))")
+            var campaign = RandomKillCampaign(batonvmm: vmm, workDirectory: work, seed: seed)
+            campaign.ramBytes = ramBytes
+            campaign.progress = counter.note
+            campaign.caseDone = counter.done
+            report.cases += campaign.run(count: randomKills, modes: killModes)
+            report.seed = seed
         }
         counter.line.finish()  // before the summary: it clears the line it is on
         try finish(report)

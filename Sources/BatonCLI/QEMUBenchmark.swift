@@ -5,7 +5,6 @@ import BatonHarness
 import BatonLibvirt
 import BatonQEMU
 import BatonSystem
-import BatonTestSupport
 import Foundation
 import Glibc
 

@@ -185,6 +185,7 @@ struct ServeCommand: ParsableCommand {
             case .refused, .unsupported: .refused
             case .rolledBack, .integrity: .rolledBack
             case .rollForwardIncomplete: .rolledForward
+            case .lost: .failed
             }
             let r = upgrade.report
             service.count(mode: r.mode.isEmpty ? "none" : r.mode, outcome: outcome, pauseMs: r.pauseMs, phasesMs: [], bytes: 0)

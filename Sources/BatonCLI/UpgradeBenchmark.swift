@@ -2,7 +2,7 @@ import ArgumentParser
 import BatonController
 import BatonCore
 import BatonSystem
-import BatonTestSupport
+import BatonHarness
 import Foundation
 import Glibc
 

@@ -328,7 +328,7 @@ extension BatonExit {
         case .refused, .unsupported: .peerRefused
         case .rolledBack: .handoffRolledBack
         case .integrity: .integrity
-        case .rollForwardIncomplete: .failure
+        case .rollForwardIncomplete, .lost: .failure
         }
     }
 }

@@ -1,3 +1,4 @@
+import BatonCore
 import Foundation
 
 /// What the upgrade sequence needs from whoever runs the guest. The sequence never knows
@@ -18,15 +19,9 @@ public struct VMMSocketControl: HypervisorControl {
 
     public var identity: String { client.socketPath }
 
-    struct Status: Decodable {
-        let pid: Int32
-        let state: String
-        let startedAtMonotonicNs: UInt64
-    }
-
-    public func pid() throws -> Int32 { try client.expectOK("GET", "/api/v1/baton/status").decode(Status.self).pid }
-    public func state() throws -> String { try client.expectOK("GET", "/api/v1/baton/status").decode(Status.self).state }
-    public func pause() throws { try client.expectOK("PUT", "/api/v1/vm.pause") }
-    public func resume() throws { try client.expectOK("PUT", "/api/v1/vm.resume") }
-    public func startedAt() throws -> UInt64 { try client.expectOK("GET", "/api/v1/baton/status").decode(Status.self).startedAtMonotonicNs }
+    public func pid() throws -> Int32 { try client.status().pid }
+    public func state() throws -> String { try client.status().state.rawValue }
+    public func pause() throws { try client.expectOK("PUT", BatonVMMAPI.pause) }
+    public func resume() throws { try client.expectOK("PUT", BatonVMMAPI.resume) }
+    public func startedAt() throws -> UInt64 { try client.status().startedAtMonotonicNs }
 }

@@ -1,3 +1,4 @@
+import BatonCore
 import BatonSystem
 import Foundation
 import Glibc
@@ -165,6 +166,14 @@ public final class UpgradeController {
     var report: UpgradeReport
     var journal: UpgradeJournal?
     var childPid: pid_t?
+    // The two-process handoff's progress (HandoffHypervisor below).
+    var agentSocket = ""
+    var expectVCPUs: Int?
+    var prepared = false
+    var paused = false
+    var pauseStart: UInt64 = 0
+    /// The new instance answered `handoff.commit`: it owns the guest from here.
+    var commitAcknowledged = false
 
     public init(options: UpgradeOptions) {
         var options = options
@@ -178,32 +187,6 @@ public final class UpgradeController {
         old = VMMSocketControl(socketPath: options.vmSocket)
         control = options.control ?? old
         report = UpgradeReport(vm: options.control?.identity ?? options.vmSocket, transport: options.transport)
-    }
-
-    struct StatusWithStart: Decodable {
-        let pid: Int32
-        let state: String
-        let startedAtMonotonicNs: UInt64
-        let ramBytes: Int
-        let ramShared: Bool?
-        let vcpus: Int?
-        let backend: String?
-        let ramDigestBeforeResume: String?
-    }
-
-    struct PrepareReply: Decodable { let notices: [String]? }
-
-    struct TransferOutcome: Decodable {
-        struct Report: Decodable {
-            struct Region: Decodable { let id: UInt32; let transport: String; let bytes: UInt64; let pages: String }
-            let regions: [Region]
-            let sendSeconds: Double
-            let transferAndVerifySeconds: Double
-            let verified: Bool
-        }
-        let report: Report
-        let stateMs: Double
-        let ramDigestAtPause: String?
     }
 
     /// Journals `phase`. Up to and including `committing` a failed write throws, so the upgrade
@@ -247,88 +230,25 @@ public final class UpgradeController {
         guard access(options.binary, X_OK) == 0 else {
             throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report, refused: true)
         }
-        let before: StatusWithStart
+        let before: VMStatus
         do {
-            before = try old.client.expectOK("GET", "/api/v1/baton/status").decode(StatusWithStart.self)
+            before = try old.client.status()
         } catch {
             throw UpgradeFailure(description: "cannot reach the VM at \(options.vmSocket): \(error)", report: report)
         }
-        guard before.state == "Running" else {
-            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state), not Running; nothing was changed", report: report, refused: true)
+        guard before.state == .running else {
+            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state.rawValue), not Running; nothing was changed", report: report, refused: true)
         }
         report.oldPid = before.pid
         report.ramBytes = UInt64(before.ramBytes)
-        try checkMemory(ramBytes: before.ramBytes, ramShared: before.ramShared ?? false)
+        try checkMemory(ramBytes: before.ramBytes, ramShared: before.ramShared)
         try log(.started)
 
-        var paused = false
-        var prepared = false
-        do {
-            let agentSocket = "\(options.runDirectory)/agent-\(before.pid)-\(getpid()).sock"
-            try startNewInstance(agentSocket: agentSocket, expectVCPUs: before.backend == "kvm" ? before.vcpus : nil)
-            try log(.newInstanceReady)
-            let prepareReply = try old.client.expectOK("PUT", "/api/v1/baton/handoff.prepare", json: [
-                "agent_socket": agentSocket, "transport": options.transport, "strict": options.strict,
-                "release_source": options.releaseSource, "stall_timeout_seconds": options.stallTimeoutSeconds,
-            ])
-            report.notices = (try? prepareReply.decode(PrepareReply.self))?.notices ?? []
-            prepared = true
-            try log(.prepared)
-            let pauseStart = Host.monotonicNanoseconds()
-            try control.pause()
-            paused = true
-            report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
-            try log(.paused)
-            let outcome = try old.client.expectOK("PUT", "/api/v1/baton/handoff.transfer\(options.digest ? "?digest=1" : "")").decode(TransferOutcome.self)
-            report.stateMs = outcome.stateMs
-            report.ramMs = outcome.report.sendSeconds * 1000
-            report.verifyMs = (outcome.report.transferAndVerifySeconds - outcome.report.sendSeconds) * 1000
-            report.verified = outcome.report.verified
-            let ram = outcome.report.regions.first { $0.id == 0 }
-            report.transport = ram?.transport ?? options.transport
-            report.pageDisposition = ram?.pages ?? ""
-            report.pagesMoved = ram?.pages == "moved"
-            report.ramDigestAtPause = outcome.ramDigestAtPause
-            try log(.transferred)
-            // The point of no return: after this line the new instance owns the guest.
-            try log(.committing)
-            let commitStart = Host.monotonicNanoseconds()
-            try old.client.expectOK("PUT", "/api/v1/baton/handoff.commit")
-            try log(.committed)
-            let after = try waitForNewInstance()
-            report.resumeMs = Double(after.startedAtMonotonicNs &- commitStart) / 1e6
-            report.downtimeMs = Double(after.startedAtMonotonicNs &- pauseStart) / 1e6
-            report.ramDigestBeforeResume = after.ramDigestBeforeResume
-            try log(.resumed)
-            try log(.done)
-            releaseNewInstance()
-            return report
-        } catch let crash as ControllerCrashed {
-            throw crash
-        } catch {
-            if paused && oldInstanceGone() {
-                return try rollForwardAfterOldDeath(cause: error)
-            }
-            let journaledCommit = (try? UpgradeJournal.read(path: journal!.path).contains { $0.phase == .committed }) ?? false
-            if journaledCommit {
-                // Past commit the new instance owns the guest: never resume the old one.
-                releaseNewInstance()
-                throw UpgradeFailure(description: "committed, but the new instance did not report running: \(error); run `baton recover --journal \(journal!.path)`", report: report)
-            }
-            rollBack(prepared: prepared, paused: paused)
-            report.error = "\(error)"
-            // Said only when seen: the old instance answers and runs the guest.
-            let observed = (try? old.pid()) == report.oldPid ? ((try? old.state()) ?? "unreachable") : "gone"
-            report.rolledBack = observed == "Running"
-            try? log(.rolledBack, note: "\(error); old instance observed \(observed)")
-            if !report.rolledBack {
-                throw UpgradeFailure(description: "\(error); rollback attempted, but the old instance (pid \(report.oldPid)) is observed \(observed)", report: report)
-            }
-            throw UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest (observed)", report: report,
-                                 integrity: (error as? VMMClient.Failure)?.code == .integrity)
-        }
+        agentSocket = "\(options.runDirectory)/agent-\(before.pid)-\(getpid()).sock"
+        expectVCPUs = before.backend == "kvm" ? before.vcpus : nil
+        try HandoffSequence(self).run()
+        return report
     }
-
     /// Whether the old instance is dead, not just slow: a SIGKILLed process stays visible for
     /// a moment while the kernel tears it down, and rolling back then would kill the new
     /// instance — the only one left holding the guest. So while the old instance neither
@@ -337,7 +257,7 @@ public final class UpgradeController {
         let deadline = Date().addingTimeInterval(5)
         while Date() < deadline {
             if !Host.isAlive(report.oldPid) { return true }
-            if (try? VMMClient(socketPath: options.vmSocket, timeoutSeconds: 0.5).expectOK("GET", "/api/v1/vmm.ping")) != nil { return false }
+            if (try? VMMClient(socketPath: options.vmSocket, timeoutSeconds: 0.5).expectOK("GET", BatonVMMAPI.ping)) != nil { return false }
             usleep(20_000)
         }
         return !Host.isAlive(report.oldPid)
@@ -346,7 +266,7 @@ public final class UpgradeController {
     /// The old instance died after the pause. With memfd-backed RAM the new instance already
     /// holds guest RAM and the state saved at the pause: tell it to adopt them. Otherwise the
     /// pages that had not left the old process died with it, and the VM is lost.
-    func rollForwardAfterOldDeath(cause: Error) throws -> UpgradeReport {
+    func rollForwardAfterOldDeath(cause: Error) throws {
         try? log(.committing, note: "old instance died after the pause: rolling forward")
         let staging = VMMClient(socketPath: options.vmSocket + ".incoming-\(report.newPid)", timeoutSeconds: 20)
         do {
@@ -355,9 +275,11 @@ public final class UpgradeController {
             var attempt = 0
             while true {
                 do {
-                    try staging.expectOK("PUT", "/api/v1/baton/adopt")
+                    try staging.expectOK("PUT", BatonVMMAPI.adopt)
                     break
                 } catch {
+                    // It committed meanwhile (the commit reached it before the old instance died).
+                    if newInstanceServes() { break }
                     attempt += 1
                     if attempt >= 300 || !Host.isAlive(report.newPid) { throw error }
                     usleep(20_000)
@@ -371,21 +293,18 @@ public final class UpgradeController {
             try? log(.committed, note: "rolled forward by adoption")
             try? log(.done)
             releaseNewInstance()
-            return report
         } catch {
-            if let childPid { kill(childPid, SIGKILL); var st: Int32 = 0; waitpid(childPid, &st, 0) }
-            try? log(.rolledBack, note: "LOST: \(error)")
-            report.error = "LOST: the old instance died after the pause and its guest RAM was not held elsewhere (\(cause)); adoption: \(error)"
-            throw UpgradeFailure(description: report.error!, report: report)
+            throw declareLost("the old instance died after the pause and its guest RAM was not held elsewhere (\(cause)); adoption: \(error)")
         }
     }
 
-    struct ExecStatus: Decodable {
-        let pid: Int32
-        let state: String
-        let execGeneration: Int
-        let lastExecError: String?
-        let ramBytes: Int
+    /// Neither instance holds the guest: the new one is stopped, the loss journaled and reported.
+    func declareLost(_ why: String) -> UpgradeFailure {
+        if let childPid { kill(childPid, SIGKILL); var st: Int32 = 0; waitpid(childPid, &st, 0) }
+        self.childPid = nil
+        report.error = "LOST: \(why)"
+        try? log(.rolledBack, note: report.error)
+        return UpgradeFailure(description: report.error!, report: report)
     }
 
     /// The exec-in-place upgrade: pause (through the given control), exec, resume.
@@ -394,12 +313,12 @@ public final class UpgradeController {
         guard access(options.binary, X_OK) == 0 else {
             throw UpgradeFailure(description: "new binary \(options.binary) is \(access(options.binary, F_OK) == 0 ? "not executable" : "missing"); nothing was changed", report: report, refused: true)
         }
-        let before: ExecStatus
-        do { before = try old.client.expectOK("GET", "/api/v1/baton/status").decode(ExecStatus.self) } catch {
+        let before: VMStatus
+        do { before = try old.client.status() } catch {
             throw UpgradeFailure(description: "cannot reach the VM at \(options.vmSocket): \(error)", report: report)
         }
-        guard before.state == "Running" else {
-            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state), not Running; nothing was changed", report: report, refused: true)
+        guard before.state == .running else {
+            throw UpgradeFailure(description: "the VM at \(options.vmSocket) is \(before.state.rawValue), not Running; nothing was changed", report: report, refused: true)
         }
         report.oldPid = before.pid
         report.ramBytes = UInt64(before.ramBytes)
@@ -426,13 +345,13 @@ public final class UpgradeController {
             // The exec is the point of no return: from here the new image may hold the VM.
             try log(.committing)
             let execStart = Host.monotonicNanoseconds()
-            try old.client.expectOK("PUT", "/api/v1/baton/exec", json: ["binary": options.binary])
+            try old.client.expectOK("PUT", BatonVMMAPI.exec, body: ExecRequest(binary: options.binary))
             // Same socket, same pid, new image: wait until it has restored the VM (paused).
-            var after: ExecStatus?
+            var after: VMStatus?
             let deadline = Date().addingTimeInterval(options.readyTimeoutSeconds)
             while Date() < deadline {
-                if let s = try? old.client.expectOK("GET", "/api/v1/baton/status").decode(ExecStatus.self) {
-                    if s.execGeneration > before.execGeneration && s.state == "Paused" { after = s; break }
+                if let s = try? old.client.status() {
+                    if s.execGeneration > before.execGeneration && s.state == .paused { after = s; break }
                     if let why = s.lastExecError, s.execGeneration == before.execGeneration { throw VMMClient.Failure(description: why) }
                 } else if !Host.isAlive(before.pid) {
                     throw VMMClient.Failure(description: "the VMM process (pid \(before.pid)) exited after the exec")
@@ -480,10 +399,9 @@ public final class UpgradeController {
     /// Who holds an exec-in-place VM now: the process's image generation and whether it is
     /// paused (waiting up to 10 s for an exec under way to finish), or gone.
     static func observeInPlace(_ control: VMMSocketControl, generationBefore: Int, pid: Int32) -> InPlaceObservation {
-        struct Seen: Decodable { let state: String; let execGeneration: Int }
         for _ in 0..<1000 {
-            if let s = try? control.client.expectOK("GET", "/api/v1/baton/status").decode(Seen.self), s.state == "Paused" || s.state == "Running" {
-                return .image(generation: s.execGeneration, paused: s.state == "Paused")
+            if let s = try? control.client.status(), s.state == .paused || s.state == .running {
+                return .image(generation: s.execGeneration, paused: s.state == .paused)
             }
             if !Host.isAlive(pid) { return .gone }
             usleep(10_000)
@@ -514,7 +432,7 @@ public final class UpgradeController {
     }
 
     func rollBack(prepared: Bool, paused: Bool) {
-        if prepared { _ = try? old.client.request("PUT", "/api/v1/baton/handoff.abandon") }
+        if prepared { _ = try? old.client.request("PUT", BatonVMMAPI.abandon) }
         if let childPid {
             kill(childPid, SIGKILL)
             var status: Int32 = 0
@@ -525,7 +443,7 @@ public final class UpgradeController {
 
     /// Starts the new binary as a new instance and waits until its agent socket accepts,
     /// or fails with the reason (missing, crashing, exiting at once, too slow).
-    func startNewInstance(agentSocket: String, expectVCPUs: Int?) throws {
+    func spawnNewInstance() throws {
         let logPath = "\(options.runDirectory)/batonvmm-new-\(getpid()).log"
         var args = ["--incoming", agentSocket, "--api-socket", "path=\(options.vmSocket)"]
         if let expectVCPUs { args += ["--expect-vcpus", "\(expectVCPUs)"] }
@@ -545,16 +463,129 @@ public final class UpgradeController {
         }
     }
 
+    /// Whether the new instance answers on the VM's socket (it renames its API onto it only once
+    /// it committed and its vCPUs run).
+    func newInstanceServes() -> Bool {
+        (try? VMMClient(socketPath: options.vmSocket, timeoutSeconds: 0.5).status())?.pid == report.newPid
+    }
+
     /// After commit: the VM socket path is taken over by the new instance once its vCPUs run.
-    func waitForNewInstance() throws -> StatusWithStart {
+    func waitForNewInstance() throws -> VMStatus {
         let deadline = Date().addingTimeInterval(options.readyTimeoutSeconds)
         while Date() < deadline {
-            if let s = try? old.client.expectOK("GET", "/api/v1/baton/status").decode(StatusWithStart.self),
-               s.pid == report.newPid, s.state == "Running" {
+            if let s = try? old.client.status(), s.pid == report.newPid, s.state == .running {
                 return s
             }
             usleep(500)
         }
         throw VMMClient.Failure(description: "the new instance (pid \(report.newPid)) did not take over \(options.vmSocket)")
+    }
+}
+
+/// batonvmm's two-process handoff as the shared sequence's hypervisor: a new batonvmm process,
+/// the agents (driven through the old instance's API), the VM socket taken over by the new one.
+extension UpgradeController: HandoffHypervisor {
+    public func journal(_ phase: UpgradeJournal.Phase) throws { try log(phase) }
+
+    public func startNewInstance() throws {
+        try spawnNewInstance()
+        try log(.newInstanceReady)
+        let prepareReply = try old.client.expectOK("PUT", BatonVMMAPI.prepare, body: HandoffPrepareRequest(
+            agentSocket: agentSocket, transport: options.transport, releaseSource: options.releaseSource,
+            stallTimeoutSeconds: options.stallTimeoutSeconds, strict: options.strict))
+        report.notices = try prepareReply.decode(HandoffPrepared.self).notices
+        prepared = true
+        try log(.prepared)
+    }
+
+    public func pauseAndTransfer() throws {
+        pauseStart = Host.monotonicNanoseconds()
+        try control.pause()
+        paused = true
+        report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
+        try log(.paused)
+        let outcome = try old.client.expectOK("PUT", BatonVMMAPI.transfer + (options.digest ? "?digest=1" : "")).decode(HandoffTransferred.self)
+        report.stateMs = outcome.stateMs
+        report.ramMs = outcome.report.sendSeconds * 1000
+        report.verifyMs = (outcome.report.transferAndVerifySeconds - outcome.report.sendSeconds) * 1000
+        report.verified = outcome.report.verified
+        let ram = outcome.report.regions.first { $0.id == 0 }
+        report.transport = ram?.transport ?? options.transport
+        report.pageDisposition = ram?.pages.rawValue ?? ""
+        report.pagesMoved = ram?.pages == .moved
+        report.ramDigestAtPause = outcome.ramDigestAtPause
+        try log(.transferred)
+    }
+
+    public func runNewInstance() throws {
+        let commitStart = Host.monotonicNanoseconds()
+        try old.client.expectOK("PUT", BatonVMMAPI.commit)
+        commitAcknowledged = true
+        try log(.committed)
+        let after = try waitForNewInstance()
+        report.resumeMs = Double(after.startedAtMonotonicNs &- commitStart) / 1e6
+        report.downtimeMs = Double(after.startedAtMonotonicNs &- pauseStart) / 1e6
+        report.ramDigestBeforeResume = after.ramDigestBeforeResume
+        try log(.resumed)
+    }
+
+    public func finish() throws {
+        try log(.done)
+        releaseNewInstance()
+    }
+
+    public func situation(after error: Error, pastPointOfNoReturn: Bool) -> HandoffSituation {
+        // A paused old instance that does not answer may be dying: wait for one or the other.
+        let oldGone = paused ? oldInstanceGone() : !Host.isAlive(report.oldPid)
+        let newAlive = childPid != nil && Host.isAlive(report.newPid)
+        // The new instance may serve the VM's socket already: it committed, whatever the old one
+        // managed to answer.
+        let newServes = newAlive && !commitAcknowledged && pastPointOfNoReturn && newInstanceServes()
+        // Without the old instance's commit the new one runs the guest only by adopting what an
+        // old instance that died left in memfds (it answers whether it holds that).
+        return HandoffSituation(pastPointOfNoReturn: pastPointOfNoReturn, newMayHaveRunGuest: commitAcknowledged || newServes,
+                                oldCanResume: !oldGone && !newServes, newCanRun: newAlive && (commitAcknowledged || newServes || (paused && oldGone)))
+    }
+
+    public func rollBack(after error: Error) -> Error {
+        rollBack(prepared: prepared, paused: paused)
+        report.error = "\(error)"
+        // Said only when seen: the old instance answers and runs the guest.
+        let observed = (try? old.pid()) == report.oldPid ? ((try? old.state()) ?? "unreachable") : "gone"
+        report.rolledBack = observed == "Running"
+        try? log(.rolledBack, note: "\(error); old instance observed \(observed)")
+        if !report.rolledBack {
+            return UpgradeFailure(description: "\(error); rollback attempted, but the old instance (pid \(report.oldPid)) is observed \(observed)", report: report)
+        }
+        return UpgradeFailure(description: "\(error); rolled back, the old instance (pid \(report.oldPid)) keeps running the guest (observed)", report: report,
+                              integrity: (error as? VMMClient.Failure)?.code == .integrity)
+    }
+
+    public func rollForward(after error: Error) throws {
+        if !commitAcknowledged, newInstanceServes() {
+            // The old instance died inside the commit, after the new one committed: its answer
+            // was lost with it, but the new instance runs the guest.
+            let after = try waitForNewInstance()
+            report.error = "the old instance died during the commit (\(error)); the new instance had committed and runs the guest"
+            report.ramDigestBeforeResume = after.ramDigestBeforeResume
+            try? log(.committed, note: "the new instance serves the VM: committed before the old instance died")
+            try? log(.resumed)
+            try? log(.done)
+            releaseNewInstance()
+            return
+        }
+        if commitAcknowledged {
+            // Past commit the new instance owns the guest: never resume the old one.
+            releaseNewInstance()
+            throw UpgradeFailure(description: "committed, but the new instance did not report running: \(error); run `baton recover --journal \(journal!.path)`", report: report)
+        }
+        try rollForwardAfterOldDeath(cause: error)
+    }
+
+    public func lost(after error: Error, situation: HandoffSituation) -> Error {
+        if situation.newMayHaveRunGuest {
+            return declareLost("the new instance (pid \(report.newPid)) died after it was committed (\(error)); the old one had handed the guest over")
+        }
+        return declareLost("the old instance (pid \(report.oldPid)) is gone (\(error)) and the new one does not hold the guest")
     }
 }

@@ -1,3 +1,4 @@
+import BatonCore
 import BatonSystem
 import Foundation
 import Glibc
@@ -30,7 +31,7 @@ public enum UpgradeRecovery {
         if phases.contains(.committing) {
             // The controller decided to commit. Finish that decision if the old instance still
             // holds the verified handoff; otherwise see who runs the guest.
-            if alive(oldPid), (try? control.client.expectOK("PUT", "/api/v1/baton/handoff.commit")) != nil {
+            if alive(oldPid), (try? control.client.expectOK("PUT", BatonVMMAPI.commit)) != nil {
                 try journal.record(.init(phase: .committed, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid))
             }
             var owner: Int32?
@@ -46,7 +47,7 @@ public enum UpgradeRecovery {
             if alive(oldPid) {
                 // The commit never reached the new instance: the old one still holds the guest.
                 if alive(newPid) { kill(newPid!, SIGKILL) }
-                _ = try? control.client.request("PUT", "/api/v1/baton/handoff.abandon")
+                _ = try? control.client.request("PUT", BatonVMMAPI.abandon)
                 if (try? control.state()) == "Paused" { try control.resume() }
                 try journal.record(.init(phase: .rolledBack, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "commit never completed"))
                 return Outcome(.rolledBack, "rolled back: old instance pid \(oldPid!) resumed (the commit never completed)")
@@ -55,7 +56,7 @@ public enum UpgradeRecovery {
         }
         if alive(newPid) { kill(newPid!, SIGKILL) }
         if alive(oldPid) {
-            _ = try? control.client.request("PUT", "/api/v1/baton/handoff.abandon")
+            _ = try? control.client.request("PUT", BatonVMMAPI.abandon)
             if (try? control.state()) == "Paused" { try control.resume() }
         }
         try journal.record(.init(phase: .rolledBack, atMonotonicNs: Host.monotonicNanoseconds(), vm: first.vm, oldPid: oldPid, newPid: newPid, note: "recovered back"))

@@ -33,10 +33,14 @@ public struct VMMClient: Sendable {
         public func decode<T: Decodable>(_ type: T.Type) throws -> T { try JSONDecoder().decode(type, from: Data(body)) }
     }
 
-    public func request(_ method: String, _ path: String, json: [String: Any]? = nil) throws -> Response {
+    /// The request with a typed body (BatonVMMAPI's request types), or none.
+    public func request(_ method: String, _ path: String, body: (some Encodable & Sendable)? = nil as ExecRequest?) throws -> Response {
+        try request(method, path, bytes: try body.map { try JSONEncoder().encode($0) } ?? Data())
+    }
+
+    func request(_ method: String, _ path: String, bytes body: Data) throws -> Response {
         let socket = try UnixSocket.connect(path: socketPath, timeoutSeconds: min(timeoutSeconds, 10))
         try socket.setTimeout(seconds: timeoutSeconds)
-        let body = try json.map { try JSONSerialization.data(withJSONObject: $0) } ?? Data()
         var head = "\(method) \(path) HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAccept: application/json\r\n"
         if !body.isEmpty { head += "Content-Type: application/json\r\n" }
         head += "Content-Length: \(body.count)\r\n\r\n"
@@ -65,16 +69,18 @@ public struct VMMClient: Sendable {
 
     /// The request, which must answer 2xx; otherwise the VMM's own error text.
     @discardableResult
-    public func expectOK(_ method: String, _ path: String, json: [String: Any]? = nil) throws -> Response {
-        let r = try request(method, path, json: json)
+    public func expectOK(_ method: String, _ path: String, body: (some Encodable & Sendable)? = nil as ExecRequest?) throws -> Response {
+        let r = try request(method, path, body: body)
         guard (200..<300).contains(r.status) else {
-            let body = try? JSONSerialization.jsonObject(with: Data(r.body)) as? [String: Any]
-            let message = body?["error"] as? String ?? r.text
-            throw Failure(description: "\(method) \(path) → \(r.status): \(message)",
-                          code: (body?["code"] as? String).flatMap(HandoffErrorCode.init(rawValue:)))
+            // The API's typed error; an answer that is not one (another server) is quoted.
+            let error = try? JSONDecoder().decode(APIErrorBody.self, from: Data(r.body))
+            throw Failure(description: "\(method) \(path) → \(r.status): \(error?.error ?? r.text)", code: error?.code)
         }
         return r
     }
+
+    /// `GET /api/v1/baton/status`.
+    public func status() throws -> VMStatus { try expectOK("GET", BatonVMMAPI.status).decode(VMStatus.self) }
 
     private func find(_ haystack: [UInt8], _ needle: [UInt8]) -> Int? {
         guard haystack.count >= needle.count else { return nil }

@@ -11,8 +11,14 @@ public struct GuestRegion: Equatable, Hashable, Sendable, CustomStringConvertibl
         /// the host holds one copy plus the in-flight window) and give the sender its
         /// descriptor, so a rollback can take the pages back.
         public static let releasedBySender = Flags(rawValue: 1 << 2)
+        /// The region streams (gift or copy) but lives in a memfd: that memfd rides on the table
+        /// too, and the receiver keeps it unmapped, only to adopt the guest from it should the
+        /// sender die before `commit` (the sender's pages outlive it there).
+        public static let heldForAdoption = Flags(rawValue: 1 << 3)
         /// Every flag this protocol version defines; a table with another bit is refused.
-        public static let known: Flags = [.fileBacked, .arrivesAsDescriptor, .releasedBySender]
+        public static let known: Flags = [.fileBacked, .arrivesAsDescriptor, .releasedBySender, .heldForAdoption]
+        /// Regions whose memfd rides on `regionTable`, in table order.
+        public var carriesDescriptor: Bool { !isDisjoint(with: [.arrivesAsDescriptor, .heldForAdoption]) }
     }
 
     public let id: UInt32

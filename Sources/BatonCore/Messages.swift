@@ -115,7 +115,7 @@ public enum Message: Equatable, Sendable {
         case .regionsReady(let n): Int(n)
         // Regions handed over as descriptors travel with the table, before the pause, so the
         // new instance already holds guest RAM if the old one dies (roll forward).
-        case .regionTable(let table): table.regions.filter { $0.flags.contains(.arrivesAsDescriptor) }.count
+        case .regionTable(let table): table.regions.filter(\.flags.carriesDescriptor).count
         case .transferBegin(let b): b.descriptorCount
         default: 0
         }
@@ -209,7 +209,13 @@ public enum Message: Equatable, Sendable {
                 guard flags & ~GuestRegion.Flags.known.rawValue == 0 else {
                     throw .invalidField(command: name, field: "flags of region \(id)", value: "0x\(String(flags, radix: 16)) (unknown bits)")
                 }
-                regions.append(GuestRegion(id: id, guestAddress: address, length: length, flags: .init(rawValue: flags)))
+                let f = GuestRegion.Flags(rawValue: flags)
+                // Held for adoption means streamed: not with a region that is its memfd, nor with
+                // one whose sender frees its pages (there would be nothing left to adopt).
+                if f.contains(.heldForAdoption) && !f.isDisjoint(with: [.arrivesAsDescriptor, .releasedBySender]) {
+                    throw .invalidField(command: name, field: "flags of region \(id)", value: "0x\(String(flags, radix: 16)) (held-for-adoption with arrives-as-descriptor or released-by-sender)")
+                }
+                regions.append(GuestRegion(id: id, guestAddress: address, length: length, flags: f))
             }
             do {
                 message = .regionTable(try RegionTable(regions, pageSize: PageSize(Int(pageSize))))

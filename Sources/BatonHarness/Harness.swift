@@ -1,7 +1,6 @@
 import BatonController
 import BatonCore
 import BatonSystem
-import BatonTestSupport
 import Foundation
 import Glibc
 
@@ -33,6 +32,8 @@ public struct HarnessReport: Codable, Sendable {
     public var summary = HarnessSummary()
     public var downtime: [DowntimeRow] = []
     public var concurrent: Int?
+    /// The seed of a random-kill campaign (the same seed replays the same kills).
+    public var seed: UInt64?
 
     public init() {}
 

@@ -49,6 +49,14 @@ public struct HarnessFault: Sendable, Hashable, CustomStringConvertible {
                      oldMemory: ["gift": "private", "copy": "private"])
     }
 
+    /// The old instance dies after the pause while gift or copy stream guest RAM that lives in a
+    /// memfd (batonvmm's default): the memfd went to the new instance too, held for adoption
+    /// (Docs/PROTOCOL.md, region flag 3), so the guest rolls forward with nothing lost.
+    static func oldDeathSharedRAM(_ phase: UpgradeJournal.Phase) -> HarnessFault {
+        HarnessFault(name: "kill-old-after:\(phase.rawValue)+memfd-ram", controller: ControllerFault(action: .killOld, phase: phase),
+                     transports: ["gift", "copy"], expected: .committed, evidence: "adopted the guest from its memfds")
+    }
+
     /// Every fault the harness knows.
     public static let all: [HarnessFault] = [
         HarnessFault(name: "none", expected: .committed, evidence: "verified yes"),
@@ -75,6 +83,7 @@ public struct HarnessFault: Sendable, Hashable, CustomStringConvertible {
         HarnessFault(name: "stalled-receiver:verifyResult", newEnvironment: ["BATON_FAULT": "stall-message:verifyResult"], evidence: "stall"),
         oldDeath(.paused),
         oldDeath(.transferred),
+        oldDeathSharedRAM(.paused),
     ]
 
     public func applies(to transport: String) -> Bool { transports?.contains(transport) ?? true }

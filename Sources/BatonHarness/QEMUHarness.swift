@@ -2,7 +2,6 @@ import BatonController
 import BatonLibvirt
 import BatonQEMU
 import BatonSystem
-import BatonTestSupport
 import Foundation
 import Glibc
 

@@ -1,6 +1,5 @@
 import BatonLibvirt
 import BatonSystem
-import BatonTestSupport
 import Foundation
 import Glibc
 

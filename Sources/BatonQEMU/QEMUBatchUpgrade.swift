@@ -175,6 +175,8 @@ extension QEMUBatchUpgrade {
     static func attempt(_ u: QEMUUpgrade, _ step: QEMUUpgrade.Step) -> QEMUBatchOutcome? {
         do { try u.perform(step); return nil } catch QEMUUpgradeError.rollForwardIncomplete(let why) {
             return QEMUBatchOutcome(domain: u.options.domain, status: .incomplete, reason: why, report: u.report, journal: u.journal.path)
+        } catch let e as QEMUUpgradeError where e.kind == "lost" {
+            return QEMUBatchOutcome(domain: u.options.domain, status: .incomplete, reason: "\(e)", report: u.report, journal: u.journal.path)
         } catch {
             return QEMUBatchOutcome(domain: u.options.domain, status: .rolledBack, reason: "\(error)", report: u.report, journal: u.journal.path)
         }

@@ -100,7 +100,7 @@ public enum QEMURecovery {
         if isQEMU(record.oldPid, of: record.domain) { killAndWait(record.oldPid) }
         for kept in record.movedSockets.values { unlink(kept) }
         if startLibvirtd { _ = try? record.libvirtd.start(uri: record.uri) }
-        return .rollForwardIncomplete("the new QEMU (pid \(record.newPid ?? 0)) died after it ran \(record.domain): the guest is lost (the old QEMU's state was stale: it was stopped, never resumed)")
+        return .lost("the new QEMU (pid \(record.newPid ?? 0)) died after it ran \(record.domain): the guest is lost (the old QEMU's state was stale: it was stopped, never resumed)")
     }
 
     /// Points the persistent definition's `<emulator>` at the new binary (the next cold boot

@@ -106,6 +106,9 @@ public final class QEMUUpgrade: @unchecked Sendable {
     var libvirtdStoppedAt: UInt64?
     /// `committing` is journaled: the new QEMU may run the guest from here on.
     var pastPointOfNoReturn = false
+    /// When the pause began (migrate issued) and when verification ended.
+    var handOverStart: UInt64 = 0
+    var verifiedAt: UInt64 = 0
     /// The new QEMU has loaded all of the guest's state (it could run the guest on its own).
     var stateLoaded = false
     /// A batch (QEMUBatchUpgrade) stops libvirtd once for all its domains and starts it once
@@ -115,8 +118,8 @@ public final class QEMUUpgrade: @unchecked Sendable {
     var committed = false
     /// `cont` was sent to a live new QEMU: from here it may have run the guest.
     var contSent = false
-    /// The sequence ended forward (later steps do nothing).
-    var finished = false
+    /// The shared handoff sequence driving this upgrade.
+    lazy var sequence = HandoffSequence(self)
 
     public init(options: QEMUUpgradeOptions) {
         self.options = options
@@ -266,83 +269,21 @@ public final class QEMUUpgrade: @unchecked Sendable {
         try log(.started)
     }
 
-    /// What follows preflight, in three steps: start the new QEMU (guest runs), the pause (migrate,
-    /// verify, `cont`), finish (fence, libvirt's record). A single upgrade runs them back to back;
-    /// a batch starts a wave of domains in parallel, then takes their pauses one at a time, so no
-    /// pause shares the CPUs with another domain's QEMU starting.
-    enum Step { case start, pause, finish }
+    /// What follows preflight, in the shared sequence's three steps: start the new QEMU (guest
+    /// runs), the pause (migrate, verify, `cont`), finish (fence, libvirt's record). A single
+    /// upgrade runs them back to back; a batch starts a wave of domains in parallel, then takes
+    /// their pauses one at a time, so no pause shares the CPUs with another domain's QEMU starting.
+    typealias Step = HandoffSequence.Step
 
     /// Everything after preflight: start, hand over, finish; or roll back / forward.
     func proceed() throws -> QEMUUpgradeReport {
-        for step in [Step.start, .pause, .finish] { try perform(step) }
+        try sequence.run()
         return report
     }
 
     /// Runs one step (nothing once the sequence has finished, e.g. by an early roll forward); on a
-    /// failure rolls back or forward, as what is left allows, and throws what happened.
-    func perform(_ step: Step) throws {
-        guard !finished else { return }
-        do {
-            switch step {
-            case .start:
-                try startNewQEMU()
-                try log(.newInstanceReady)
-            case .pause:
-                try handOver()
-                committed = true
-            case .finish:
-                try finishForward()
-                finished = true
-            }
-        } catch let crash as ControllerCrashed {
-            throw crash
-        } catch {
-            // The old QEMU died after the new one had loaded the whole state: the new one holds
-            // the only copy of the guest, so go forward (the old side can no longer be compared).
-            if !pastPointOfNoReturn, stateLoaded, !QEMURecovery.isQEMU(report.oldPid, of: record.domain), QEMURecovery.isQEMU(report.newPid, of: record.domain) {
-                report.verified = false
-                report.error = "the old QEMU died after the migration (\(error)): the new QEMU runs the guest, RAM samples not compared"
-                try? log(.committing, note: "old QEMU gone after the migration: forward")
-                pastPointOfNoReturn = true
-            }
-            // Past `committing` the new QEMU may already run the guest (a `cont` whose reply was
-            // lost): while it lives, only forward is safe.
-            if committed || contSent, !QEMURecovery.isQEMU(report.newPid, of: record.domain) {
-                report.error = "\(error)"
-                let lost = QEMURecovery.lost(record: record, startLibvirtd: !libvirtdHeldByBatch)
-                try? log(.done, note: "lost: the new QEMU died after running the guest")
-                throw lost
-            }
-            if committed || (pastPointOfNoReturn && QEMURecovery.isQEMU(report.newPid, of: record.domain)) {
-                report.error = "\(error)"
-                if !committed {
-                    _ = try? newMonitor?.execute("cont")
-                    do { try finishForward(); finished = true; return } catch {
-                        throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
-                    }
-                }
-                throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
-            }
-            let observed = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor, startLibvirtd: false)
-            // libvirtd must find the old QEMU's monitor free when it reconnects: let go of every
-            // handle first (a held monitor accepts libvirtd's connection and stays silent).
-            releaseHandles()
-            if !libvirtdHeldByBatch { _ = try? record.libvirtd.start(uri: record.uri) }
-            report.observedAfterRollback = observed
-            report.rolledBack = true
-            report.error = "\(error)"
-            report.managementGapMs = libvirtdStoppedAt.map { Double(Host.monotonicNanoseconds() - $0) / 1e6 } ?? 0
-            try? log(.rolledBack, note: "\(error); old QEMU \(observed)")
-            // Say what was observed, not what should be true.
-            let reason: String
-            switch error {
-            case QEMUUpgradeError.integrity(let why): throw QEMUUpgradeError.integrity("\(why) (old QEMU \(observed))")
-            case QEMUUpgradeError.rolledBack(let why): reason = why
-            default: reason = "\(error)"
-            }
-            throw QEMUUpgradeError.rolledBack("\(reason) (old QEMU \(observed))")
-        }
-    }
+    /// failure the sequence rolls back or forward, as what is left allows, and throws what happened.
+    func perform(_ step: Step) throws { try sequence.perform(step) }
 
     /// Before the pause: libvirtd steps aside, the new QEMU starts with the old one's sockets,
     /// RAM and log, and is ready to receive.
@@ -465,11 +406,12 @@ public final class QEMUUpgrade: @unchecked Sendable {
         }
     }
 
-    /// The pause: migrate (live: the guest stops only for the final device-state copy), verify,
-    /// and resume the new QEMU. Journals `committing` before the new QEMU runs the guest.
+    /// The pause: migrate (live: the guest stops only for the final device-state copy) and
+    /// verify. The old QEMU could still take the guest back when it returns.
     func handOver() throws {
         let old = oldMonitor!
         let start = Host.monotonicNanoseconds()
+        handOverStart = start
         try log(.paused, note: "migrate", durable: false)
         switch record.mode {
         case .ignoreShared, .copy:
@@ -523,6 +465,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
         report.ramPages = record.mode == .copy ? "copied" : "shared"
         report.verified = true
         let verified = Host.monotonicNanoseconds()
+        verifiedAt = verified
         report.breakdown.verifyMs = Double(verified - migrated) / 1e6
         if let limit = options.maxPauseMs {
             // The guest stopped at the old QEMU's STOP event (wall-clock stamped by QEMU); past the
@@ -535,10 +478,14 @@ public final class QEMUUpgrade: @unchecked Sendable {
                 throw QEMUUpgradeError.rolledBack(String(format: "the guest had been paused %.2f ms when the new QEMU was ready, over --max-pause-ms %g: handoff cancelled, the domain stays on QEMU %@", pausedMs, limit, report.oldVersion))
             }
         }
-        // The point of no return: once the new QEMU runs the guest, the shared RAM moves on and
-        // the old process must never run again.
-        try log(.committing)
+    }
+
+    /// After `committing` (the point of no return: once the new QEMU runs the guest, the shared
+    /// RAM moves on and the old process must never run again): `cont` on the new QEMU.
+    func runNewQEMU() throws {
         pastPointOfNoReturn = true
+        let old = oldMonitor!, new = newMonitor!
+        let start = handOverStart, verified = verifiedAt
         // A new QEMU already dead was never told to run the guest: back is still safe. Once `cont`
         // is sent, a new QEMU that dies may have run it (a reply lost), and back is not.
         guard QEMURecovery.isQEMU(report.newPid, of: record.domain) else {
@@ -553,6 +500,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
         let resume = try? new.waitForEvent("RESUME").seconds
         if let stop, let resume, resume >= stop { report.pauseMs = (resume - stop) * 1000 } else { report.pauseMs = report.controllerPauseMs }
         try log(.committed)
+        committed = true
     }
 
     /// After the new QEMU runs the guest: fence the old one, make libvirt's record true, and
@@ -584,5 +532,87 @@ public final class QEMUUpgrade: @unchecked Sendable {
         try log(.adopted)
         if options.updateDefinition { report.definitionUpdated = QEMURecovery.updateDefinition(record: record) }
         try log(.done)
+    }
+}
+
+/// QEMU under libvirt as the shared sequence's hypervisor.
+extension QEMUUpgrade: HandoffHypervisor {
+    public func journal(_ phase: UpgradeJournal.Phase) throws { try log(phase) }
+
+    public func startNewInstance() throws {
+        try startNewQEMU()
+        try log(.newInstanceReady)
+    }
+
+    public func pauseAndTransfer() throws { try handOver() }
+
+    public func runNewInstance() throws { try runNewQEMU() }
+
+    public func finish() throws { try finishForward() }
+
+    public func situation(after error: Error, pastPointOfNoReturn: Bool) -> HandoffSituation {
+        let oldAlive = QEMURecovery.isQEMU(report.oldPid, of: record.domain)
+        let newAlive = report.newPid != 0 && QEMURecovery.isQEMU(report.newPid, of: record.domain)
+        // A migrated-away old QEMU can still `cont`; a new one that loaded the whole state can run
+        // the guest on its own; once `cont` was sent to it, it may have.
+        return HandoffSituation(pastPointOfNoReturn: pastPointOfNoReturn, newMayHaveRunGuest: committed || contSent,
+                                oldCanResume: oldAlive, newCanRun: newAlive && (stateLoaded || committed))
+    }
+
+    public func rollBack(after error: Error) -> Error {
+        let observed = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor, startLibvirtd: false)
+        // libvirtd must find the old QEMU's monitor free when it reconnects: let go of every
+        // handle first (a held monitor accepts libvirtd's connection and stays silent).
+        releaseHandles()
+        if !libvirtdHeldByBatch { _ = try? record.libvirtd.start(uri: record.uri) }
+        report.observedAfterRollback = observed
+        report.rolledBack = true
+        report.error = "\(error)"
+        report.managementGapMs = libvirtdStoppedAt.map { Double(Host.monotonicNanoseconds() - $0) / 1e6 } ?? 0
+        try? log(.rolledBack, note: "\(error); old QEMU \(observed)")
+        // Say what was observed, not what should be true.
+        switch error {
+        case QEMUUpgradeError.integrity(let why): return QEMUUpgradeError.integrity("\(why) (old QEMU \(observed))")
+        case QEMUUpgradeError.rolledBack(let why): return QEMUUpgradeError.rolledBack("\(why) (old QEMU \(observed))")
+        default: return QEMUUpgradeError.rolledBack("\(error) (old QEMU \(observed))")
+        }
+    }
+
+    public func rollForward(after error: Error) throws {
+        report.error = "\(error)"
+        if !pastPointOfNoReturn {
+            // The old QEMU died after the new one had loaded the whole state: the new one holds
+            // the only copy of the guest (the old side can no longer be compared).
+            report.verified = false
+            report.error = "the old QEMU died after the migration (\(error)): the new QEMU runs the guest, RAM samples not compared"
+            try? log(.committing, note: "old QEMU gone after the migration: forward")
+            pastPointOfNoReturn = true
+        }
+        guard !committed else {
+            throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
+        }
+        // `cont` again (a lost reply, or never sent), then what a clean run does after it.
+        contSent = true
+        _ = try? newMonitor?.execute("cont")
+        do { try finishForward() } catch {
+            throw QEMUUpgradeError.rollForwardIncomplete("\(error); run `baton recover --journal \(journal.path)`")
+        }
+    }
+
+    public func lost(after error: Error, situation: HandoffSituation) -> Error {
+        report.error = "\(error)"
+        if situation.newMayHaveRunGuest {
+            let lost = QEMURecovery.lost(record: record, startLibvirtd: !libvirtdHeldByBatch)
+            try? log(.done, note: "lost: the new QEMU died after running the guest")
+            return lost
+        }
+        // The old QEMU died before the new one had the guest's whole state: put the host back as
+        // it was (no new QEMU, the old sockets at their paths) and say so.
+        _ = QEMURecovery.rollBack(record: record, oldMonitor: oldMonitor, newMonitor: newMonitor, startLibvirtd: false)
+        releaseHandles()
+        if !libvirtdHeldByBatch { _ = try? record.libvirtd.start(uri: record.uri) }
+        let why = "the old QEMU (pid \(report.oldPid)) died (\(error)) before the new one had loaded the guest's state: the guest is lost"
+        try? log(.rolledBack, note: "lost: \(why)")
+        return QEMUUpgradeError.lost(why)
     }
 }

@@ -12,6 +12,8 @@ public enum QEMUUpgradeError: Error, CustomStringConvertible, Sendable {
     /// After the point of no return something failed; the new QEMU runs the guest and the
     /// message says what is left to do (`baton recover`).
     case rollForwardIncomplete(String)
+    /// Neither QEMU can run the guest any more (the message says why and what was cleaned up).
+    case lost(String)
 
     /// The case's name, for carrying it across the service socket (the exit code comes from it).
     public var kind: String {
@@ -21,6 +23,7 @@ public enum QEMUUpgradeError: Error, CustomStringConvertible, Sendable {
         case .rolledBack: "rolledBack"
         case .integrity: "integrity"
         case .rollForwardIncomplete: "rollForwardIncomplete"
+        case .lost: "lost"
         }
     }
 
@@ -32,6 +35,7 @@ public enum QEMUUpgradeError: Error, CustomStringConvertible, Sendable {
         case "rolledBack": self = .rolledBack(message)
         case "integrity": self = .integrity(message)
         case "rollForwardIncomplete": self = .rollForwardIncomplete(message)
+        case "lost": self = .lost(message)
         default: return nil
         }
     }
@@ -43,6 +47,7 @@ public enum QEMUUpgradeError: Error, CustomStringConvertible, Sendable {
         case .rolledBack(let m): "\(m); rolled back"
         case .integrity(let m): "integrity check failed: \(m); rolled back"
         case .rollForwardIncomplete(let m): "the new QEMU runs the guest, but: \(m)"
+        case .lost(let m): "LOST: \(m)"
         }
     }
 }

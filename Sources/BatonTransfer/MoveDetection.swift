@@ -1,18 +1,7 @@
 import BatonCore
 import BatonSystem
 
-/// What happened to a region's pages, observed rather than assumed.
-public enum PageDisposition: String, Sendable, Codable {
-    /// The receiver holds the sender's very frames and the sender's pages are gone.
-    case moved
-    /// The receiver holds different frames: the kernel copied (mainline vmsplice MOVE does).
-    case copied
-    /// Both processes map the same frames (memfd handed over as a descriptor).
-    case shared
-    /// Frame numbers are hidden from this process (no CAP_SYS_ADMIN) and the source kept its pages.
-    case unknown
-}
-
+/// Observes what happened to a region's pages (PageDisposition), rather than assuming it.
 public enum MoveDetection {
     /// Physical frames at the plan's sample offsets of `base` (0 where hidden or not resident).
     public static func frames(base: UnsafeRawPointer, regionLength: UInt64, pageSize: PageSize) throws -> [UInt64] {

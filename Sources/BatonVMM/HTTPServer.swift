@@ -34,7 +34,7 @@ public struct HTTPResponse: Sendable {
     /// controller decides on. The code defaults from the status.
     public static func error(_ status: Int, _ message: String, code: HandoffErrorCode? = nil) -> HTTPResponse {
         let kind = code ?? (status == 409 ? .invalidState : (400..<500).contains(status) ? .badRequest : .failed)
-        return json(["error": message, "code": kind.rawValue], status: status)
+        return json(APIErrorBody(error: message, code: kind), status: status)
     }
 
     static func reason(_ status: Int) -> String {

@@ -63,7 +63,8 @@ public struct IncomingHandoff {
         // A dying sender's pipes end too; whether it really died is checked by its pid after.
         case .transfer(.pipeClosedEarly): return true
         case .system(let e): return gone(e)
-        case .transfer(.syscall(let e, _, _)): return gone(e)
+        // process_vm_readv from a sender that died: ESRCH, or EFAULT while its memory is torn down.
+        case .transfer(.syscall(let e, _, _)): return gone(e) || e.errno == ESRCH || e.errno == EFAULT
         default: return false
         }
     }

@@ -1,3 +1,4 @@
+import BatonCore
 /// Baton's reference guest: 96 bytes of 64-bit code that runs at CPL 3 (native speed on
 /// this host's PVM KVM, and unchanged on VMX/SVM with IOPL 3). Source: Docs/reference-guest.S.
 /// Each vCPU keeps changing memory: a counter, a hash chain over a block it rewrites, a
@@ -62,20 +63,8 @@ public enum GuestLayout {
 
 import Glibc
 
-/// A vCPU's observable state at a heartbeat (read from its data page at the `out` exit).
-public struct GuestBeat: Codable, Equatable, Sendable {
-    public var counter: UInt64
-    public var hash: UInt64
-    public var r15: UInt64
-    public var beats: UInt64
-
-    public init(counter: UInt64, hash: UInt64, r15: UInt64, beats: UInt64) {
-        self.counter = counter
-        self.hash = hash
-        self.r15 = r15
-        self.beats = beats
-    }
-
+extension GuestBeat {
+    /// Read from the vCPU's data page at its `out` exit.
     public static func read(from ram: UnsafeRawPointer, vcpu: Int) -> GuestBeat {
         let page = ram + Int(GuestLayout.dataPage(vcpu: vcpu))
         return GuestBeat(counter: page.load(as: UInt64.self), hash: page.load(fromByteOffset: 8, as: UInt64.self),

@@ -1,3 +1,4 @@
+import BatonCore
 import BatonSystem
 import CBatonKVM
 import Glibc

@@ -47,41 +47,6 @@ public final class VMMService: @unchecked Sendable {
         let memory_actual_size: Int
     }
 
-    struct Status: Encodable {
-        let pid: Int32
-        let state: String
-        let backend: String?
-        let ramBytes: Int
-        /// Guest RAM is a memfd (memfd transport, exec in place); false: anonymous memory.
-        let ramShared: Bool
-        let vcpus: Int
-        let beats: [GuestBeat?]
-        let heartbeatExits: UInt64
-        let startedAtMonotonicNs: UInt64
-        let failures: [String]
-        let ramDigestBeforeResume: String?
-        let execGeneration: Int
-        let lastExecError: String?
-        let version: String
-    }
-
-    struct HandoffRequest: Decodable {
-        let agent_socket: String
-        let transport: String?
-        let release_source: Bool?
-        let stall_timeout_seconds: Double?
-        /// An explicit gift on a kernel that refuses SPLICE_F_GIFT: refuse instead of copying.
-        let strict: Bool?
-    }
-
-    struct TransferOutcome: Encodable {
-        let report: TransferReport
-        let stateMs: Double
-        let stateBytes: Int
-        let transferMs: Double
-        let ramDigestAtPause: String?
-    }
-
     public func handle(_ request: HTTPRequest) -> HTTPResponse {
         let route = request.path.prefix { $0 != "?" }  // a bare "?" is an empty route, not a crash
         do {
@@ -120,21 +85,20 @@ public final class VMMService: @unchecked Sendable {
                                   memory_actual_size: vm?.config.ramBytes ?? 0))
             case ("GET", "/api/v1/baton/status"):
                 let vm = self.vm
-                return .json(Status(pid: getpid(), state: incoming ? "Incoming" : (vm?.state.rawValue ?? "NotCreated"), backend: vm?.backendName,
+                return .json(VMStatus(pid: getpid(), state: incoming ? .incoming : (vm?.state ?? .notCreated), backend: vm?.backendName,
                                     ramBytes: vm?.config.ramBytes ?? 0, ramShared: vm?.ram.backing != nil, vcpus: vm?.config.vcpus ?? 0, beats: vm?.beats.last ?? [],
                                     heartbeatExits: vm?.beats.exits ?? 0, startedAtMonotonicNs: vm?.lastStartNanoseconds ?? 0,
                                     failures: vm?.failures ?? [], ramDigestBeforeResume: vm?.ramDigestBeforeResume,
                                     execGeneration: execGeneration, lastExecError: lastExecError, version: Self.version))
             case ("PUT", "/api/v1/baton/handoff.prepare"):
-                return try prepareHandoff(JSONDecoder().decode(HandoffRequest.self, from: Data(request.body)))
+                return try prepareHandoff(JSONDecoder().decode(HandoffPrepareRequest.self, from: Data(request.body)))
             case ("PUT", "/api/v1/baton/handoff.transfer"):
                 return try transferHandoff(digest: request.path.contains("digest=1"))
             case ("PUT", "/api/v1/baton/handoff.commit"):
                 return try commitHandoff()
             case ("PUT", "/api/v1/baton/exec"):
-                let body = try JSONSerialization.jsonObject(with: Data(request.body)) as? [String: Any]
-                guard let binary = body?["binary"] as? String else { return .error(400, "exec needs {\"binary\": PATH}") }
-                return try execInPlace(binary)
+                guard let body = try? JSONDecoder().decode(ExecRequest.self, from: Data(request.body)) else { return .error(400, "exec needs {\"binary\": PATH}") }
+                return try execInPlace(body.binary)
             case ("PUT", "/api/v1/baton/adopt"):
                 return try adopt()
             case ("PUT", "/api/v1/baton/handoff.abandon"):
@@ -172,8 +136,8 @@ public final class VMMService: @unchecked Sendable {
     static let stateRegionAddress: UInt64 = 1 << 48
     static let stateRegionID: UInt32 = 1
 
-    func prepareHandoff(_ request: HandoffRequest) throws -> HTTPResponse {
-        let stall = request.stall_timeout_seconds ?? 10
+    func prepareHandoff(_ request: HandoffPrepareRequest) throws -> HTTPResponse {
+        let stall = request.stallTimeoutSeconds ?? 10
         guard stall.isFinite, stall > 0, stall <= 3600 else {
             return .error(400, "stall_timeout_seconds must be a number of seconds in (0, 3600], got \(stall)")
         }
@@ -186,7 +150,7 @@ public final class VMMService: @unchecked Sendable {
             guard let choice = TransportChoice(rawValue: t) else { return .error(400, "transport '\(t)' is not gift, memfd, copy or auto") }
             options.transport = choice
         }
-        options.releaseSource = request.release_source ?? false
+        options.releaseSource = request.releaseSource ?? false
         options.strict = request.strict ?? false
         options.stallTimeoutSeconds = stall
         let stateBytes = Host.pageSize * ((64 << 10) / Host.pageSize + vm.config.vcpus * 8)
@@ -197,10 +161,9 @@ public final class VMMService: @unchecked Sendable {
             SourceRegion(id: 0, guestAddress: 0, mapping: vm.ram),
             SourceRegion(id: Self.stateRegionID, guestAddress: Self.stateRegionAddress, mapping: state),
         ]
-        let connection = AgentConnection(socket: try UnixSocket.connect(path: request.agent_socket))
+        let connection = AgentConnection(socket: try UnixSocket.connect(path: request.agentSocket))
         prepared = try OldInstanceAgent(connection: connection, options: options).prepare(sources)
-        struct Prepared: Encodable { let transports: [String: String]; let notices: [String] }
-        return .json(Prepared(transports: prepared!.transports.mapKeys { "\($0)" }, notices: prepared!.notices))
+        return .json(HandoffPrepared(transports: prepared!.transports.mapKeys { "\($0)" }, notices: prepared!.notices))
     }
 
     /// While a handoff is prepared, the vCPU state leaves this process at the pause itself:
@@ -230,7 +193,7 @@ public final class VMMService: @unchecked Sendable {
         self.prepared = nil
         let pending = try prepared.transfer()
         self.pending = pending
-        return .json(TransferOutcome(report: pending.report, stateMs: stateSaveMs, stateBytes: stateBytes,
+        return .json(HandoffTransferred(report: pending.report, stateMs: stateSaveMs, stateBytes: stateBytes,
                                      transferMs: pending.report.transferAndVerifySeconds * 1000, ramDigestAtPause: ramDigest))
     }
 

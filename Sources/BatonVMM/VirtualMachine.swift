@@ -6,15 +6,6 @@ import Glibc
 import Synchronization
 
 /// A VM's lifecycle state, named as Cloud Hypervisor's vm.info names it.
-public enum VMRunState: String, Codable, Sendable {
-    case created = "Created"
-    case running = "Running"
-    case paused = "Paused"
-    case shutdown = "Shutdown"
-    /// A new instance waiting for a handoff (batonvmm --incoming).
-    case incoming = "Incoming"
-}
-
 /// One guest: its RAM, its vCPUs (KVM or simulated) and their lifecycle. Thread-safe: the
 /// API serves requests concurrently, so every transition holds `lock`.
 public final class VirtualMachine: @unchecked Sendable {

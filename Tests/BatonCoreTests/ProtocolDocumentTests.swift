@@ -1,5 +1,4 @@
 import BatonCore
-import BatonTestSupport
 import Foundation
 import Testing
 

@@ -106,6 +106,21 @@ struct ProtocolTests {
         w.u32(1); w.u32(0); w.u64(0x2000); w.u64(0x1000)
         let rh = MessageHeader(version: 1, command: Command.regionTable.rawValue, descriptorCount: 0, payloadLength: UInt32(w.bytes.count))
         #expect(throws: ProtocolError.badRegionTable(.overlap(region: 1, with: 0, at: 0x2000))) { try Message.decode(header: rh, payload: w.bytes) }
+        // Unknown flag bits, and held-for-adoption beside arrives-as-descriptor or
+        // released-by-sender, are refused with the region named; a held region carries a descriptor.
+        for (flags, why) in [(UInt32(0x10), "unknown bits"), (0xA, "held-for-adoption with arrives-as-descriptor or released-by-sender"),
+                             (0xC, "held-for-adoption with arrives-as-descriptor or released-by-sender")] {
+            var f = WireWriter()
+            f.u32(4096); f.u32(1); f.u32(3); f.u32(flags); f.u64(0); f.u64(0x1000)
+            let carried = GuestRegion.Flags(rawValue: flags).carriesDescriptor ? 1 : 0
+            let fh = MessageHeader(version: 1, command: Command.regionTable.rawValue, descriptorCount: UInt8(carried), payloadLength: UInt32(f.bytes.count))
+            #expect(throws: ProtocolError.invalidField(command: "regionTable", field: "flags of region 3", value: "0x\(String(flags, radix: 16)) (\(why))")) {
+                try Message.decode(header: fh, payload: f.bytes)
+            }
+        }
+        let held = Message.regionTable(try RegionTable([GuestRegion(id: 0, guestAddress: 0, length: 0x1000, flags: [.fileBacked, .heldForAdoption])], pageSize: page))
+        #expect(held.descriptorCount == 1)
+        #expect(try decodeFull(held.encoded()).descriptorCount == 1)
         // Descriptor counts must match what the message says it carries.
         let begin = goldenMessages.first { $0.0 == "transferBegin" }!.1.encoded()
         var bh = try MessageHeader.decode(begin)

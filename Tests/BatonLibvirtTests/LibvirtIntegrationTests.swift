@@ -1,7 +1,7 @@
 import BatonController
 import BatonLibvirt
 import BatonSystem
-import BatonTestSupport
+import BatonHarness
 import Foundation
 import Glibc
 import Testing

@@ -1,6 +1,6 @@
 import BatonLibvirt
 import BatonSystem
-import BatonTestSupport
+import BatonHarness
 import Foundation
 import Glibc
 import Testing

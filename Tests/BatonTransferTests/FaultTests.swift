@@ -1,7 +1,7 @@
 import BatonAgent
 import BatonCore
 import BatonSystem
-import BatonTestSupport
+import BatonHarness
 import Foundation
 import Glibc
 import Testing

@@ -1,7 +1,7 @@
 import BatonAgent
 import BatonCore
 import BatonSystem
-import BatonTestSupport
+import BatonHarness
 import BatonTransfer
 import Foundation
 import Glibc

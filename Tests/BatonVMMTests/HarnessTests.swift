@@ -1,5 +1,4 @@
 import BatonHarness
-import BatonTestSupport
 import Foundation
 import Testing
 

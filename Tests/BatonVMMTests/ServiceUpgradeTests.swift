@@ -1,5 +1,5 @@
 import BatonController
-import BatonTestSupport
+import BatonHarness
 import BatonSystem
 import Foundation
 import Glibc
@@ -75,7 +75,7 @@ struct ServiceUpgradeTests {
         let before = try vm.beat()
         // What a controller killed inside the pause leaves: the guest paused, a journal up to `paused`.
         try vm.client.expectOK("PUT", "/api/v1/vm.pause")
-        #expect(try vm.status().state == "Paused")
+        #expect(try vm.status().state == .paused)
         let state = dir + "/state"
         try FileManager.default.createDirectory(atPath: state, withIntermediateDirectories: true)
         let path = state + "/journal-interrupted.jsonl"
@@ -88,7 +88,7 @@ struct ServiceUpgradeTests {
         defer { serve.kill(SIGTERM); _ = serve.finish() }
         #expect(BatonProcess.waitForPath(socket))
         // The socket exists only after recovery: the guest runs again, and the journal says so.
-        #expect(try vm.status().state == "Running")
+        #expect(try vm.status().state == .running)
         #expect(try UpgradeJournal.read(path: path).last?.phase == .rolledBack)
         _ = try vm.beat(after: before.counter)
         let second = try BatonProcess(["serve", "--socket", dir + "/other.sock", "--state", state]).finish()
@@ -135,7 +135,7 @@ struct ServiceUpgradeTests {
         let upgrade = try BatonProcess(["upgrade", "--service", socket, "--vm", vm.socket, "--binary", next, "--transport", "memfd"])
         var paused = false
         for _ in 0..<400 where !paused {
-            paused = (try? vm.status().state) == "Paused"
+            paused = (try? vm.status().state) == .paused
             if !paused { usleep(5_000) }
         }
         #expect(paused, "the upgrade never paused the guest")
@@ -149,7 +149,7 @@ struct ServiceUpgradeTests {
         #expect(stopped.stderr.contains("draining") && stopped.stderr.contains("stopped"), "\(stopped.stderr)")
         // One structured line per upgrade (swift-log).
         #expect(stopped.stderr.contains("outcome=upgraded") && stopped.stderr.contains("mode=memfd") && stopped.stderr.contains("newPid="), "\(stopped.stderr)")
-        #expect(try vm.status().state == "Running")
+        #expect(try vm.status().state == .running)
     }
 
     @Test("a request line without end gets one error and a close; ten thousand requests in one write each get their reply")

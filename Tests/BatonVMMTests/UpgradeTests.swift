@@ -1,7 +1,7 @@
 import BatonController
 import BatonCore
 import BatonSystem
-import BatonTestSupport
+import BatonHarness
 import BatonVMM
 import Foundation
 import Glibc
@@ -79,7 +79,7 @@ struct UpgradeTests {
         #expect(second.stderr.contains("refused: another upgrade of \(vmm.socket) is running (pid \(first.pid))"), "\(second.stderr)")
         let done = first.finish()
         #expect(done.status == 0, "\(done.stderr)")
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
         _ = try vmm.beat()
     }
 
@@ -116,10 +116,10 @@ struct UpgradeTests {
         #expect(refused.stderr.contains("refused: transport gift needs a second copy of the guest's RAM (256 MiB + 64 MiB for the new instance)")
                 && refused.stderr.contains("cgroup \(cgroup) allows") && refused.stderr.contains("limit 192 MiB") && refused.stderr.contains("nothing was changed"),
                 "\(refused.stderr)")
-        #expect(try vmm.status().pid == oldPid && vmm.status().state == "Running")
+        #expect(try vmm.status().pid == oldPid && vmm.status().state == .running)
         let shared = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--transport", "memfd"], wrapper: inCgroup).finish()
         #expect(shared.status == 0, "memfd shares the pages, no second copy: \(shared.stderr)")
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
     }
 
     @Test("a missing new binary is refused before anything is paused")
@@ -132,7 +132,7 @@ struct UpgradeTests {
         } throws: { error in
             "\(error)" == "new binary \(vmm.directory)/no-such-batonvmm is missing; nothing was changed"
         }
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
         #expect(try vmm.beat(after: before.counter).counter > before.counter, "still counting")
     }
 
@@ -152,7 +152,7 @@ struct UpgradeTests {
         }
         let status = try vmm.status()
         #expect(status.pid == oldPid)
-        #expect(status.state == "Running")
+        #expect(status.state == .running)
         let after = try vmm.beat(after: before.counter)
         expectMatchesModel(after)
     }
@@ -167,7 +167,7 @@ struct RecoveryTests {
         defer { vmm.stop() }
         let oldPid = try vmm.status().pid
         try vmm.client.expectOK("PUT", "/api/v1/vm.pause")
-        #expect(try vmm.status().state == "Paused")
+        #expect(try vmm.status().state == .paused)
         // Stand-in for a new instance the crashed controller had started.
         let stray = try Spawn.detached("/bin/sleep", ["300"], logPath: vmm.directory + "/stray.log")
         let path = vmm.directory + "/journal.jsonl"
@@ -179,7 +179,7 @@ struct RecoveryTests {
         #expect(outcome.result == .rolledBack, "\(outcome)")
         usleep(50_000)
         #expect(Spawn.exitStatus(stray) != nil || kill(stray, 0) != 0, "the stray new instance was killed")
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
         let before = try vmm.beat()
         expectMatchesModel(try vmm.beat(after: before.counter))
         #expect(try UpgradeRecovery.recover(journalPath: path).result == .nothingToDo)
@@ -203,10 +203,10 @@ struct RecoveryTests {
         let next = try newBinary(in: vmm.directory)
         let refused = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--journal", path]).finish()
         #expect(refused.status == 5 && refused.stderr.contains("holds an unfinished upgrade of \(vmm.socket) (last phase paused)"), "\(refused.stderr)")
-        #expect(try vmm.status().state == "Paused", "a refused upgrade touches nothing")
+        #expect(try vmm.status().state == .paused, "a refused upgrade touches nothing")
         let outcome = try UpgradeRecovery.recover(journalPath: path)
         #expect(outcome.result == .rolledBack, "the earlier upgrade's `done` must not decide: \(outcome)")
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
         // Finished now: the same path takes a new upgrade.
         let again = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--journal", path, "--transport", "memfd"]).finish()
         #expect(again.status == 0, "\(again.stderr)")
@@ -225,7 +225,7 @@ struct RecoveryTests {
         #expect(r.status == 3, "\(r.stderr)")
         #expect(r.stderr.contains("fsync(\(path))") && r.stderr.contains("EIO") && r.stderr.contains("rolled back"), "\(r.stderr)")
         let status = try vmm.status()
-        #expect(status.pid == oldPid && status.state == "Running", "the old instance keeps the guest")
+        #expect(status.pid == oldPid && status.state == .running, "the old instance keeps the guest")
         #expect(try UpgradeJournal.read(path: path).last?.phase == .rolledBack)
         _ = try vmm.beat()
     }
@@ -245,7 +245,7 @@ struct RecoveryTests {
         #expect(outcome.result == .rolledForward, "\(outcome)")
         usleep(50_000)
         #expect(Spawn.exitStatus(oldStandIn) != nil || kill(oldStandIn, 0) != 0, "never two instances")
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
     }
 }
 
@@ -265,7 +265,7 @@ struct InPlaceUpgradeTests {
             let report = try UpgradeController(options: options).run()
             #expect(report.oldPid == pid && report.newPid == pid, "the pid libvirt knows must stay")
             #expect(report.verified && !report.rolledBack)
-            #expect(try vmm.status().state == "Running")
+            #expect(try vmm.status().state == .running)
             let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
             #expect(exe == binary, "the process now runs the new binary: \(exe)")
             let next = try vmm.beat(after: last.counter)
@@ -286,16 +286,16 @@ struct InPlaceUpgradeTests {
         let killed = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", binary, "--in-place", "--journal", journal, "--run-directory", vmm.directory + "/run"],
                                       environment: ["BATON_CONTROLLER_FAULT": "sigkill-controller-after:\(phase)"]).finish()
         #expect(killed.status == 128 + SIGKILL || killed.status == SIGKILL, "\(killed.status) \(killed.stderr)")
-        var state = ""
-        for _ in 0..<500 where state != "Paused" {  // the exec may still be restoring the VM
-            state = (try? vmm.status().state) ?? ""
-            if state != "Paused" { usleep(10_000) }
+        var state: VMRunState?
+        for _ in 0..<500 where state != .paused {  // the exec may still be restoring the VM
+            state = try? vmm.status().state
+            if state != .paused { usleep(10_000) }
         }
-        #expect(state == "Paused", "the dead controller left the guest paused")
+        #expect(state == .paused, "the dead controller left the guest paused")
         let recovered = try BatonProcess(["recover", "--journal", journal]).finish()
         #expect(recovered.status == 0 && recovered.stdout.contains(expected), "\(recovered.stdout) \(recovered.stderr)")
         let after = try vmm.status()
-        #expect(after.pid == pid && after.state == "Running")
+        #expect(after.pid == pid && after.state == .running)
         let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")
         let expected = URL(fileURLWithPath: phase == "committed" ? binary : batonvmmPath).resolvingSymlinksInPath().path
         #expect(exe == expected, "\(exe)")
@@ -324,7 +324,7 @@ struct InPlaceUpgradeTests {
         chmod(stuck, 0o755)
         let r = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", stuck, "--in-place", "--timeout", "1", "--run-directory", vmm.directory + "/run"]).finish()
         #expect(r.status != 0 && r.stderr.contains("failed its --version probe (status 137)") && r.stderr.contains("nothing was changed"), "\(r.stderr)")
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
     }
 
     @Test("a new binary that cannot start is caught before the pause; the VM keeps running")
@@ -339,7 +339,7 @@ struct InPlaceUpgradeTests {
             _ = try UpgradeController(options: options).run()
         } throws: { "\($0)".contains("failed its --version probe (status 9)") && "\($0)".contains("nothing was changed") }
         let before = try vmm.beat()
-        #expect(try vmm.status().state == "Running")
+        #expect(try vmm.status().state == .running)
         expectMatchesModel(try vmm.beat(after: before.counter))
     }
 }

@@ -2,7 +2,6 @@ import BatonController
 import BatonHarness
 import BatonCore
 import BatonSystem
-import BatonTestSupport
 import BatonVMM
 import Foundation
 import Glibc
@@ -33,14 +32,7 @@ final class RunningVMM {
 
     var log: String { (try? String(contentsOfFile: directory + "/vmm.log", encoding: .utf8)) ?? "" }
 
-    struct Status: Decodable {
-        let pid: Int32
-        let state: String
-        let backend: String?
-        let beats: [GuestBeat?]
-    }
-
-    func status() throws -> Status { try client.expectOK("GET", "/api/v1/baton/status").decode(Status.self) }
+    func status() throws -> VMStatus { try client.status() }
 
     /// Waits for a heartbeat newer than `after` on vCPU 0.
     func beat(after counter: UInt64 = 0, timeout: Double = 10) throws -> GuestBeat {
