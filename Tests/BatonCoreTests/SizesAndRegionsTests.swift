@@ -47,7 +47,7 @@ struct SizesAndRegionsTests {
 
     @Test("page range tables coalesce like a naive set of pages (seeded random layouts)")
     func pageRangesMatchNaiveModel() {
-        var rng = SplitMix(seed: 42)
+        var rng = SplitMix64(seed: 42)
         for _ in 0..<200 {
             var table = PageRangeTable()
             var naive = Set<UInt64>()
@@ -70,18 +70,5 @@ struct SizesAndRegionsTests {
     func coalescesRuns() {
         let table = PageRangeTable(pages: [5, 3, 4, 10, 11, 0])
         #expect(table.ranges == [PageRange(first: 0, count: 1), PageRange(first: 3, count: 3), PageRange(first: 10, count: 2)])
-    }
-}
-
-/// Deterministic generator for property tests.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

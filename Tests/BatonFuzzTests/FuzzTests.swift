@@ -9,17 +9,7 @@ import Testing
 /// that once failed are kept below as regressions.
 @Suite("Fuzzing decoders with seeded random input")
 struct FuzzTests {
-    struct Rng {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8(truncatingIfNeeded: next()) } }
-    }
+
 
     /// Valid messages to mutate: a fuzzer that only sends noise never gets past the magic.
     static let seeds: [[UInt8]] = [
@@ -53,7 +43,7 @@ struct FuzzTests {
 
     @Test("protocol decoder: 20 000 mutated and random messages, seed 0xBA70")
     func protocolDecoder() {
-        var rng = Rng(state: 0xBA70)
+        var rng = SplitMix64(seed: 0xBA70)
         for _ in 0..<20_000 {
             var input = Self.seeds[Int(rng.next() % UInt64(Self.seeds.count))]
             switch rng.next() % 4 {
@@ -72,7 +62,7 @@ struct FuzzTests {
         var state = VMState(backend: .simulated, config: VMConfig(ramBytes: 64 << 20, vcpus: 2, simulated: true))
         state.simulatedR15 = [1, 2]
         let blob = state.encoded()
-        var rng = Rng(state: 0x57A7E)
+        var rng = SplitMix64(seed: 0x57A7E)
         for _ in 0..<5_000 {
             var input = blob
             if rng.next() % 2 == 0 {
@@ -87,7 +77,7 @@ struct FuzzTests {
     @Test("HTTP request parser: 3 000 mutated requests over a real socket pair, seed 0x477")
     func httpParser() throws {
         let base = Array("PUT /api/v1/vm.create HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n5\r\nhello\r\n0\r\n\r\n".utf8)
-        var rng = Rng(state: 0x477)
+        var rng = SplitMix64(seed: 0x477)
         for _ in 0..<3_000 {
             var input = base
             for _ in 0..<(1 + rng.next() % 4) { input[Int(rng.next() % UInt64(input.count))] = UInt8(truncatingIfNeeded: rng.next() % 128) }
@@ -116,4 +106,8 @@ struct FuzzTests {
             #expect(response.status == 400, "stall_timeout_seconds \(value): \(response.status)")
         }
     }
+}
+
+extension SplitMix64 {
+    mutating func bytes(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8(truncatingIfNeeded: next()) } }
 }
