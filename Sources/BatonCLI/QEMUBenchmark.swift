@@ -50,6 +50,8 @@ struct QEMUBench: ParsableCommand {
         /// Baton's median minus the raw median: what the checks and libvirt's process cost.
         var overheadMs: Double
         var managementGapMs: Spread
+        /// Baton's pause, phase by phase (medians over the runs; each run's phases sum to its pause).
+        var batonPhasesMs: [String: Double]
         var batonSamples: [Double]
         var rawSamples: [Double]
     }
@@ -70,7 +72,7 @@ struct QEMUBench: ParsableCommand {
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         var results: [ModeResult] = []
         for mode in modes.split(separator: ",").map(String.init) {
-            var baton: [Double] = [], raw: [Double] = [], gaps: [Double] = []
+            var baton: [Double] = [], raw: [Double] = [], gaps: [Double] = [], phases: [String: [Double]] = [:]
             let cpr = mode == "cpr-transfer"
             // Baton: a libvirt domain on the old QEMU (cpr: first moved to the new one, not counted).
             var domain: QEMUTestDomain?
@@ -84,13 +86,15 @@ struct QEMUBench: ParsableCommand {
                 guard r.mode == mode else { throw ValidationError("expected \(mode), Baton chose \(r.mode)") }
                 baton.append(r.pauseMs)
                 gaps.append(r.managementGapMs)
+                for (name, ms) in r.breakdown.phases { phases[name, default: []].append(ms) }
                 progress("\(mode) baton run \(i + 1): pause \(String(format: "%.2f", r.pauseMs)) ms, libvirt gap \(String(format: "%.0f", r.managementGapMs)) ms")
                 raw.append(try rawHandover(cpr: cpr, ramMiB: ramMiB, fillMiB: fillMiB, dir: dir))
                 progress("\(mode) raw run \(i + 1): pause \(String(format: "%.2f", raw.last!)) ms")
             }
             domain?.remove()
             let b = Spread(baton), r = Spread(raw)
-            results.append(ModeResult(mode: mode, batonPauseMs: b, rawPauseMs: r, overheadMs: b.median - r.median, managementGapMs: Spread(gaps), batonSamples: baton, rawSamples: raw))
+            results.append(ModeResult(mode: mode, batonPauseMs: b, rawPauseMs: r, overheadMs: b.median - r.median, managementGapMs: Spread(gaps),
+                                      batonPhasesMs: phases.mapValues { Spread($0).median }, batonSamples: baton, rawSamples: raw))
         }
         var batchResult: BatchResult?
         if batch > 0 {
@@ -113,6 +117,8 @@ struct QEMUBench: ParsableCommand {
         for m in results {
             print(String(format: "%-14@ baton  %7.2f (%.2f–%.2f)        %6.0f (%.0f–%.0f)", m.mode, m.batonPauseMs.median, m.batonPauseMs.min, m.batonPauseMs.max,
                          m.managementGapMs.median, m.managementGapMs.min, m.managementGapMs.max))
+            let order = QEMUUpgradeReport.Breakdown().phases.map(\.0)
+            print(String(format: "%-14@ baton pause by phase (medians): ", m.mode) + order.map { String(format: "%@ %.2f", $0, m.batonPhasesMs[$0] ?? 0) }.joined(separator: ", "))
             print(String(format: "%-14@ raw    %7.2f (%.2f–%.2f)        -", m.mode, m.rawPauseMs.median, m.rawPauseMs.min, m.rawPauseMs.max))
             print(String(format: "%-14@ Baton's overhead over raw QMP: %+.2f ms (median)", m.mode, m.overheadMs))
         }

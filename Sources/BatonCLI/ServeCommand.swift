@@ -148,7 +148,7 @@ struct ServeCommand: ParsableCommand {
             case .skipped: .refused
             }
             service.count(mode: r?.mode ?? "none", outcome: outcome, pauseMs: r?.pauseMs ?? 0,
-                          phasesMs: r.map { [("migration", $0.breakdown.migrationMs), ("verify", $0.breakdown.verifyMs), ("resume", $0.breakdown.resumeMs)] } ?? [],
+                          phasesMs: r.map { $0.breakdown.phases } ?? [],
                           bytes: r?.ramBytesMoved ?? 0)
             // One structured line per upgrade.
             log.info("upgrade", metadata: ["domain": "\(o.domain)", "outcome": "\(o.status.rawValue)", "mode": "\(r?.mode ?? "")",
@@ -173,7 +173,7 @@ struct ServeCommand: ParsableCommand {
         if let m = request["max_pause_ms"] as? Double, m > 0, m.isFinite { options.maxPauseMs = m } else { options.maxPauseMs = file.maxPauseMs }
         let upgrade = QEMUUpgrade(options: options)
         func encoded(_ r: QEMUUpgradeReport) -> Any { (try? JSONSerialization.jsonObject(with: JSONEncoder().encode(r))) ?? [:] }
-        let phases: (QEMUUpgradeReport) -> [(String, Double)] = { [("migration", $0.breakdown.migrationMs), ("verify", $0.breakdown.verifyMs), ("resume", $0.breakdown.resumeMs)] }
+        let phases: (QEMUUpgradeReport) -> [(String, Double)] = { $0.breakdown.phases }
         do {
             let r = try upgrade.run()
             service.count(mode: r.mode, outcome: .succeeded, pauseMs: r.pauseMs, phasesMs: phases(r), bytes: r.ramBytesMoved)

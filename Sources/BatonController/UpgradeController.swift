@@ -192,14 +192,13 @@ public final class UpgradeController {
     /// Journals `phase`. Up to and including `committing` a failed write throws, so the upgrade
     /// rolls back before the point of no return (recovery could not know otherwise). After it
     /// the upgrade must go on: the failure is kept in the report and the journal's last
-    /// durable word stays `committing`, which recovery finishes forward.
+    /// word stays `committing`, which recovery finishes forward.
     func log(_ phase: UpgradeJournal.Phase, note: String? = nil, inPlaceGeneration: Int? = nil) throws {
-        let durable = ![.paused, .transferred].contains(phase)  // informational, and inside the pause
         let beforeNoReturn = ![.committed, .resumed, .done, .adopted].contains(phase)
         do {
             try journal?.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.vmSocket,
                                       oldPid: report.oldPid, newPid: report.newPid == 0 ? nil : report.newPid, note: note,
-                                      inPlaceGeneration: inPlaceGeneration), durable: durable)
+                                      inPlaceGeneration: inPlaceGeneration))
         } catch where !beforeNoReturn {
             report.journalError = "journal \(journal?.path ?? ""): \(phase.rawValue) not recorded: \(error)"
         }

@@ -7,13 +7,28 @@ import Glibc
 
 /// What `baton upgrade --domain` reports for a QEMU domain (`--json`).
 public struct QEMUUpgradeReport: Codable, Sendable {
+    /// The guest pause, phase by phase, on QEMU's clock: from the old QEMU's STOP event to the
+    /// new one's RESUME event, cut at instants the controller takes. The phases sum to `pauseMs`.
     public struct Breakdown: Codable, Sendable {
-        /// Old QEMU's `migrate` issued → migration `completed` (includes the device-state copy).
-        public var migrationMs = 0.0
-        /// Device sets and RAM samples compared, the new QEMU seen paused with the state loaded.
+        /// STOP → the controller has the new QEMU's word that it holds the whole state (QEMU's
+        /// own migration; cpr-transfer: the device sets are compared meanwhile, as soon as the new
+        /// QEMU's monitor opens).
+        public var loadMs = 0.0
+        /// → `transferred` journaled and the RAM samples compared through both processes' mappings.
         public var verifyMs = 0.0
-        /// `cont` on the new QEMU → it reports running.
+        /// → `committing` journaled (the point of no return).
+        public var commitMs = 0.0
+        /// `cont` sent → RESUME in the new QEMU.
         public var resumeMs = 0.0
+        /// Not in the pause: `migrate` issued → STOP (the live part of the migration).
+        public var liveMs = 0.0
+
+        public init() {}
+
+        public var phases: [(String, Double)] {
+            [("load", loadMs), ("verify", verifyMs), ("commit", commitMs), ("resume", resumeMs)]
+        }
+        public var sumMs: Double { phases.reduce(0) { $0 + $1.1 } }
     }
     public var domain: String
     public var mode: String = ""
@@ -44,8 +59,9 @@ public struct QEMUUpgradeReport: Codable, Sendable {
 
     public var line: String {
         if rolledBack { return "baton: upgrade of \(domain) ROLLED BACK (old QEMU pid \(oldPid) \(observedAfterRollback ?? "state unknown")): \(error ?? "")" }
-        return String(format: "baton: upgraded %@ QEMU %@ → %@ (pid %d → %d) via %@: pause %.2f ms (migration %.2f, verify %.2f, resume %.2f), %lld bytes of RAM moved, verified %@, libvirt gap %.0f ms",
-                      domain, oldVersion, newVersion, oldPid, newPid, mode, pauseMs, breakdown.migrationMs, breakdown.verifyMs, breakdown.resumeMs,
+        let phases = breakdown.phases.map { String(format: "%@ %.2f", $0.0, $0.1) }.joined(separator: ", ")
+        return String(format: "baton: upgraded %@ QEMU %@ → %@ (pid %d → %d) via %@: pause %.2f ms (%@), %lld bytes of RAM moved, verified %@, libvirt gap %.0f ms",
+                      domain, oldVersion, newVersion, oldPid, newPid, mode, pauseMs, phases,
                       ramBytesMoved, verified ? "yes" : "no", managementGapMs)
     }
 }
@@ -109,6 +125,15 @@ public final class QEMUUpgrade: @unchecked Sendable {
     /// When the pause began (migrate issued) and when verification ended.
     var handOverStart: UInt64 = 0
     var verifiedAt: UInt64 = 0
+    /// The guest is paused: journal entries carry no context (recovery reads the last entry that
+    /// has one; the record does not change in the pause, and encoding it costs pause time).
+    var inPause = false
+    /// The instants that cut the guest pause into the report's phases.
+    var marks = PauseMarks(migrateIssued: 0)
+    /// cpr-transfer: the old QEMU's device set, read before the pause.
+    var oldDevices: QEMUVerification.DeviceSet?
+    /// The RAM pages compared inside the pause, chosen and located before it.
+    var ramSample: QEMUVerification.RAMSample?
     /// The new QEMU has loaded all of the guest's state (it could run the guest on its own).
     var stateLoaded = false
     /// A batch (QEMUBatchUpgrade) stops libvirtd once for all its domains and starts it once
@@ -234,10 +259,10 @@ public final class QEMUUpgrade: @unchecked Sendable {
 
     // MARK: - The sequence
 
-    func log(_ phase: UpgradeJournal.Phase, note: String? = nil, durable: Bool = true) throws {
-        func record(_ note: String?, durable: Bool) throws {
+    func log(_ phase: UpgradeJournal.Phase, note: String? = nil, durable: Bool? = nil) throws {
+        func record(_ note: String?, durable: Bool?) throws {
             try journal.record(.init(phase: phase, atMonotonicNs: Host.monotonicNanoseconds(), vm: options.domain, oldPid: report.oldPid,
-                                     newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: self.record.json), durable: durable)
+                                     newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: inPause ? nil : self.record.json), durable: durable)
         }
         try record(note, durable: durable)
         if let fault = options.fault {
@@ -359,7 +384,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
                 if let limit = options.maxPauseMs { try oldMonitor!.execute("migrate-set-parameters", arguments: ["downtime-limit": max(1, Int(limit.rounded(.up)))]) }
             }
             try newMonitor!.execute("migrate-incoming", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
-            try QEMUVerification.compareDevices(old: oldMonitor!, new: newMonitor!)
+            try QEMUVerification.compareDevices(old: QEMUVerification.devices(of: oldMonitor!), new: newMonitor!)
         case .cprTransfer:
             // The new QEMU reads the CPR state before it opens its monitor; wait until it
             // listens on the cpr channel (a probing connect would be taken as the channel).
@@ -375,6 +400,12 @@ public final class QEMUUpgrade: @unchecked Sendable {
             try oldMonitor!.execute("migrate-set-capabilities", arguments: MigrationCapabilities(capabilities: [
                 .init(capability: "x-ignore-shared", state: false), .init(capability: "events", state: true)]))
             try oldMonitor!.execute("migrate-set-parameters", arguments: ["mode": "cpr-transfer"])
+            // Nothing hotplugs while libvirtd is stopped: the old device set holds until the pause.
+            oldDevices = try QEMUVerification.devices(of: oldMonitor!)
+        }
+        if let ramFD {
+            ramSample = try QEMUVerification.RAMSample(ram: ramFD, oldPid: oldPid, newPid: record.mode == .cprTransfer ? nil : newPid)
+            if record.mode != .cprTransfer { try ramSample!.locateAndWarm(newPid: newPid) }
         }
     }
 
@@ -412,7 +443,9 @@ public final class QEMUUpgrade: @unchecked Sendable {
         let old = oldMonitor!
         let start = Host.monotonicNanoseconds()
         handOverStart = start
-        try log(.paused, note: "migrate", durable: false)
+        inPause = true
+        marks = PauseMarks(migrateIssued: Host.realtimeSeconds())
+        try log(.paused, note: "migrate")
         switch record.mode {
         case .ignoreShared, .copy:
             try old.execute("migrate", arguments: ["uri": "unix:\(options.runDirectory)/\(record.domain)-migrate.sock"])
@@ -421,62 +454,69 @@ public final class QEMUUpgrade: @unchecked Sendable {
             let cpr = MigrateChannels.Channel(channelType: "cpr", addr: .init(path: "\(options.runDirectory)/\(record.domain)-cpr.sock"))
             try old.execute("migrate", arguments: MigrateChannels(channels: [main, cpr]))
         }
-        var info: QEMUMigrationInfo
         let deadline = Date().addingTimeInterval(options.timeoutSeconds)
         if let new = newMonitor {
             // The destination says when it has loaded everything (MIGRATION events): waiting for
-            // that costs no round trips. (Precopy can complete on the source while the
-            // destination still fails to load, so the destination's word is the one that counts.)
+            // that costs no round trips, and its word is the one that counts (precopy can complete
+            // on the source while the destination still fails to load). The source's own figures
+            // are read after the resume.
             let end = try new.waitForEvent("MIGRATION") { ["completed", "failed", "cancelled"].contains($0?["status"]?.string ?? "") }
             guard end.data?["status"]?.string == "completed" else {
-                info = (try? old.query("query-migrate", as: QEMUMigrationInfo.self)) ?? QEMUMigrationInfo(status: "failed", ram: nil, downtime: nil, errorDesc: nil)
+                let info = (try? old.query("query-migrate", as: QEMUMigrationInfo.self)) ?? QEMUMigrationInfo(status: "failed", ram: nil, downtime: nil, errorDesc: nil)
                 throw QEMUUpgradeError.rolledBack("the new QEMU could not load the migration (\(end.data?["status"]?.string ?? "?")): \(info.errorDesc ?? QEMUHost.logTail(domain: record.domain))")
             }
+        } else {
+            try awaitCPRDestination(old: old, deadline: deadline)
         }
-        while true {
-            // cpr-transfer: the new QEMU's monitor appears only once it has read the CPR state;
-            // connect as soon as it does, while the source finishes.
-            if newMonitor == nil, Host.isAlive(report.newPid) { newMonitor = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 0.05, commandTimeoutSeconds: options.timeoutSeconds) }
-            info = try old.query("query-migrate", as: QEMUMigrationInfo.self)
-            if ["completed", "failed", "cancelled"].contains(info.status ?? "") { break }
-            guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("migration did not complete within \(options.timeoutSeconds) s (status \(info.status ?? "?"))") }
-            usleep(100)
-        }
-        guard info.status == "completed" else { throw QEMUUpgradeError.rolledBack("migration \(info.status ?? "?"): \(info.errorDesc ?? "no reason given")") }
-        report.ramBytesMoved = info.ram?.transferred ?? 0
-        if newMonitor == nil { newMonitor = try waitForMonitor(of: report.newPid) }
         let new = newMonitor!
-        if record.mode == .cprTransfer {
-            // No MIGRATION events from a destination whose capabilities could not be set: ask.
-            while true {
-                let s = try new.query("query-status", as: QEMURunState.self)
-                if s.status == "paused" || s.status == "running" { break }
-                guard Host.isAlive(report.newPid) else { throw QEMUUpgradeError.rolledBack("the new QEMU exited while loading the state: \(QEMUHost.logTail(domain: record.domain))") }
-                guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not load the state (status \(s.status))") }
-                usleep(100)
-            }
-            try QEMUVerification.compareDevices(old: old, new: new)
-        }
         stateLoaded = true
-        let migrated = Host.monotonicNanoseconds()
-        report.breakdown.migrationMs = Double(migrated - start) / 1e6
-        try log(.transferred, durable: false)
-        if let ramFD { try QEMUVerification.compareRAM(oldPid: report.oldPid, newPid: report.newPid, ram: ramFD) }
+        marks.loaded = Host.realtimeSeconds()
+        try log(.transferred)
+        if let ramSample { try ramSample.compare(newPid: report.newPid) }
         report.ramPages = record.mode == .copy ? "copied" : "shared"
         report.verified = true
         let verified = Host.monotonicNanoseconds()
         verifiedAt = verified
-        report.breakdown.verifyMs = Double(verified - migrated) / 1e6
+        marks.verified = Host.realtimeSeconds()
         if let limit = options.maxPauseMs {
             // The guest stopped at the old QEMU's STOP event (wall-clock stamped by QEMU); past the
             // limit, cancel while the old QEMU can still take the guest back.
             let stoppedAt = old.events.last { $0.name == "STOP" }?.seconds
-            var now = timespec()
-            clock_gettime(CLOCK_REALTIME, &now)
-            let pausedMs = stoppedAt.map { (Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 - $0) * 1000 } ?? Double(verified - start) / 1e6
+            let pausedMs = stoppedAt.map { (Host.realtimeSeconds() - $0) * 1000 } ?? Double(verified - start) / 1e6
             if pausedMs > limit {
                 throw QEMUUpgradeError.rolledBack(String(format: "the guest had been paused %.2f ms when the new QEMU was ready, over --max-pause-ms %g: handoff cancelled, the domain stays on QEMU %@", pausedMs, limit, report.oldVersion))
             }
+        }
+    }
+
+    /// cpr-transfer: the new QEMU opens its monitor once it has read the CPR state, and is
+    /// paused (`-S`) once it has loaded the device state. Its status is polled (its migration
+    /// events cannot be switched on before its monitor exists); the source is asked now and then
+    /// whether the migration failed on its side.
+    func awaitCPRDestination(old: QMPConnection, deadline: Date) throws {
+        var polls = 0
+        while true {
+            if newMonitor == nil, Host.isAlive(report.newPid) {
+                newMonitor = try? QMPConnection(path: record.monitorPath, timeoutSeconds: 0.05, commandTimeoutSeconds: options.timeoutSeconds)
+                if let new = newMonitor {
+                    // Its monitor opens after its devices exist and its RAM is mapped, while the
+                    // device state still loads: check what can be checked meanwhile.
+                    try QEMUVerification.compareDevices(old: oldDevices, new: new)
+                    try ramSample?.locateAndWarm(newPid: report.newPid)
+                }
+            }
+            if let new = newMonitor {
+                let s = try new.query("query-status", as: QEMURunState.self)
+                if s.status == "paused" || s.status == "running" { return }
+            }
+            guard Host.isAlive(report.newPid) else { throw QEMUUpgradeError.rolledBack("the new QEMU exited while loading the state: \(QEMUHost.logTail(domain: record.domain))") }
+            if newMonitor == nil || polls % 10 == 9 {
+                let info = try old.query("query-migrate", as: QEMUMigrationInfo.self)
+                if ["failed", "cancelled"].contains(info.status ?? "") { throw QEMUUpgradeError.rolledBack("migration \(info.status ?? "?"): \(info.errorDesc ?? "no reason given")") }
+            }
+            guard Date() < deadline else { throw QEMUUpgradeError.rolledBack("the new QEMU did not load the state within \(options.timeoutSeconds) s") }
+            polls += 1
+            usleep(100)
         }
     }
 
@@ -485,20 +525,27 @@ public final class QEMUUpgrade: @unchecked Sendable {
     func runNewQEMU() throws {
         pastPointOfNoReturn = true
         let old = oldMonitor!, new = newMonitor!
-        let start = handOverStart, verified = verifiedAt
+        let start = handOverStart
         // A new QEMU already dead was never told to run the guest: back is still safe. Once `cont`
         // is sent, a new QEMU that dies may have run it (a reply lost), and back is not.
         guard QEMURecovery.isQEMU(report.newPid, of: record.domain) else {
             throw QEMUUpgradeError.rolledBack("the new QEMU (pid \(report.newPid)) died before it was told to run the guest")
         }
+        marks.committed = Host.realtimeSeconds()
         contSent = true
         try new.execute("cont")  // returns once the vCPUs run (QEMU emits RESUME first)
         let running = Host.monotonicNanoseconds()
-        report.breakdown.resumeMs = Double(running - verified) / 1e6
         report.controllerPauseMs = Double(running - start) / 1e6
-        let stop = old.events.last { $0.name == "STOP" }?.seconds
+        inPause = false
+        // The source's figures, read now that the guest runs (reading them also collects its
+        // STOP event, which the pause did not wait to read).
+        report.ramBytesMoved = (try? old.query("query-migrate", as: QEMUMigrationInfo.self))?.ram?.transferred ?? 0
+        let stop = (try? old.waitForEvent("STOP"))?.seconds
         let resume = try? new.waitForEvent("RESUME").seconds
-        if let stop, let resume, resume >= stop { report.pauseMs = (resume - stop) * 1000 } else { report.pauseMs = report.controllerPauseMs }
+        if let stop, let resume, resume >= stop {
+            report.pauseMs = (resume - stop) * 1000
+            report.breakdown = marks.breakdown(stop: stop, resume: resume)
+        } else { report.pauseMs = report.controllerPauseMs }
         try log(.committed)
         committed = true
     }
@@ -520,6 +567,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
         newMonitor = nil
         movedListeners.removeAll()
         passedSockets.removeAll()
+        ramSample = nil
         ramFD = nil
         logFD = nil
     }
@@ -532,6 +580,26 @@ public final class QEMUUpgrade: @unchecked Sendable {
         try log(.adopted)
         if options.updateDefinition { report.definitionUpdated = QEMURecovery.updateDefinition(record: record) }
         try log(.done)
+    }
+}
+
+/// Instants (wall clock, QEMU's event clock) taken during the pause.
+struct PauseMarks {
+    var migrateIssued: Double
+    var loaded = 0.0, verified = 0.0, committed = 0.0
+
+    /// The phases between the old QEMU's STOP and the new one's RESUME: consecutive differences
+    /// of the same clock, so they sum to the pause.
+    func breakdown(stop: Double, resume: Double) -> QEMUUpgradeReport.Breakdown {
+        // An instant can fall before STOP only if the clock stepped; clamp into the pause.
+        let cuts = [loaded, verified, committed].map { min(max($0, stop), resume) }
+        var b = QEMUUpgradeReport.Breakdown()
+        b.loadMs = (cuts[0] - stop) * 1000
+        b.verifyMs = (cuts[1] - cuts[0]) * 1000
+        b.commitMs = (cuts[2] - cuts[1]) * 1000
+        b.resumeMs = (resume - cuts[2]) * 1000
+        b.liveMs = max(0, stop - migrateIssued) * 1000
+        return b
     }
 }
 
@@ -551,6 +619,7 @@ extension QEMUUpgrade: HandoffHypervisor {
     public func finish() throws { try finishForward() }
 
     public func situation(after error: Error, pastPointOfNoReturn: Bool) -> HandoffSituation {
+        inPause = false  // every failure is asked about first: entries from here on carry the record again
         let oldAlive = QEMURecovery.isQEMU(report.oldPid, of: record.domain)
         let newAlive = report.newPid != 0 && QEMURecovery.isQEMU(report.newPid, of: record.domain)
         // A migrated-away old QEMU can still `cont`; a new one that loaded the whole state can run

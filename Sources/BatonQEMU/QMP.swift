@@ -107,6 +107,36 @@ public final class QMPConnection {
         }
     }
 
+    /// Several commands in one write, their replies read in order (QMP runs a monitor's
+    /// commands one after another): one round trip instead of one per command. The first
+    /// command that fails throws, after every reply has been read.
+    public func executePipelined(_ commands: [(String, JSONValue)]) throws -> [JSONValue] {
+        var lines: [UInt8] = []
+        for (command, arguments) in commands {
+            lines += try JSONEncoder().encode(Request(execute: command, arguments: arguments))
+            lines.append(UInt8(ascii: "\n"))
+        }
+        let name = commands.map(\.0).joined(separator: "+")
+        do { try socket.sendAll(lines) } catch {
+            throw QMPError(kind: .transport, command: name, message: "write to \(path): \(error)")
+        }
+        var values: [JSONValue] = [], failure: QMPError?
+        for (command, _) in commands {
+            var reply = try readMessage(for: command)
+            while keepIfEvent(reply) { reply = try readMessage(for: command) }
+            if let error = reply["error"] {
+                failure = failure ?? QMPError(kind: .command(errorClass: error["class"]?.string ?? "?"), command: command, message: error["desc"]?.string ?? "")
+                values.append(.null)
+            } else if let value = reply["return"] {
+                values.append(value)
+            } else {
+                throw QMPError(kind: .protocolViolation, command: command, message: "\(reply)")
+            }
+        }
+        if let failure { throw failure }
+        return values
+    }
+
     func keepIfEvent(_ message: JSONValue) -> Bool {
         guard let event = message["event"]?.string else { return false }
         var seconds = 0.0

@@ -30,18 +30,22 @@ public enum Host {
 
     /// Reads a whole small file such as one under /proc or /sys; nil if it cannot be read.
     public static func readSmallFile(_ path: String) -> String? {
+        readSmallFileBytes(path).map { String(decoding: $0, as: UTF8.self) }
+    }
+
+    public static func readSmallFileBytes(_ path: String) -> [UInt8]? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { return nil }
         defer { close(fd) }
         var out: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
+        var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = read(fd, &buffer, buffer.count)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             out += buffer.prefix(n)
         }
-        return String(decoding: out, as: UTF8.self)
+        return out
     }
 
     /// A `Key:   N kB` field of /proc/PID/status (VmRSS, VmHWM, ...), in bytes.
@@ -66,6 +70,14 @@ public enum Host {
     public static func isAlive(_ pid: Int32) -> Bool {
         guard pid > 0, kill(pid, 0) == 0 else { return false }
         return !(readSmallFile("/proc/\(pid)/stat") ?? "").contains(") Z ")
+    }
+
+    /// Wall-clock seconds: the clock QEMU stamps its QMP events with, so a pause measured from
+    /// QEMU's STOP to its RESUME can be split at instants this process takes.
+    public static func realtimeSeconds() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 
     public static func monotonicNanoseconds() -> UInt64 {

@@ -33,9 +33,9 @@ public final class MemoryMapping: @unchecked Sendable {
     }
 
     /// Maps `length` bytes of `fd` from `offset`, shared (writes reach the file and every mapper).
-    public static func shared(fd: FileDescriptor, offset: Int, length: Int, populate: Bool = false) throws -> MemoryMapping {
+    public static func shared(fd: FileDescriptor, offset: Int, length: Int, populate: Bool = false, readOnly: Bool = false) throws -> MemoryMapping {
         let flags = MAP_SHARED | (populate ? MAP_POPULATE : 0)
-        let p = try map(length: length, protection: PROT_READ | PROT_WRITE, flags: flags, fd: fd.raw, offset: offset)
+        let p = try map(length: length, protection: readOnly ? PROT_READ : PROT_READ | PROT_WRITE, flags: flags, fd: fd.raw, offset: offset)
         return MemoryMapping(base: p, length: length, backing: fd, backingOffset: offset)
     }
 
@@ -55,6 +55,14 @@ public final class MemoryMapping: @unchecked Sendable {
     /// Asks for transparent huge pages (MADV_HUGEPAGE); a refusal is not an error, it is reported.
     @discardableResult
     public func adviseHugePages() -> Bool { madvise(base, length, CBATON_MADV_HUGEPAGE) == 0 }
+
+    /// Maps the pages of `offset ..< offset + length` into this mapping's page table now
+    /// (MADV_POPULATE_READ), so that reading them later takes no page faults. False where the
+    /// kernel lacks it (before 5.14): the reads then fault as usual.
+    @discardableResult
+    public func populateForReading(offset: Int, length: Int) -> Bool {
+        madvise(base + offset, length, CBATON_MADV_POPULATE_READ) == 0
+    }
 
     /// Faults every page in for writing now, so later copies do not pay page faults.
     /// Uses MADV_POPULATE_WRITE where the kernel has it, else touches one byte per page.

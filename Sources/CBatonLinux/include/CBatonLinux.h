@@ -17,6 +17,7 @@ static const unsigned int CBATON_MFD_ALLOW_SEALING = 0x0002U;
 static const int CBATON_MADV_HUGEPAGE = 14;
 static const int CBATON_MADV_DONTNEED = 4;
 static const int CBATON_MADV_POPULATE_WRITE = 23;
+static const int CBATON_MADV_POPULATE_READ = 22;
 static const int CBATON_IOV_MAX = 1024;
 
 ssize_t cbaton_vmsplice(int fd, const struct iovec *iov, unsigned long nr_segs, unsigned int flags);
