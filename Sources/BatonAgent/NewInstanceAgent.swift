@@ -249,7 +249,7 @@ public final class NewInstanceAgent {
             destinations[region.id] = DestinationRegion(region: region, mapping: try MemoryMapping.shared(fd: fd, offset: Int(t.descriptorOffset), length: Int(region.length)))
         }
         for region in table.regions where destinations[region.id] == nil {
-            throw TransferError.destinationMissing(regionID: region.id)
+            throw TransferError.destinationMissing(lane: nil, regionID: region.id, offset: 0)
         }
         let sums = ChunkChecksums(count: plan.chunks.count)
         let control = TransferControl(stallTimeoutSeconds: stallTimeoutSeconds, progress: progress)

@@ -60,7 +60,8 @@ public enum HostCheck {
         r.items.append(CheckItem(name: "transparent huge pages", ok: r.transparentHugePages != "never" && r.transparentHugePages != "unavailable",
                                  detail: "mode \(r.transparentHugePages) (Baton asks with MADV_HUGEPAGE)",
                                  fix: r.transparentHugePages == "never" ? "echo madvise > /sys/kernel/mm/transparent_hugepage/enabled" : nil))
-        if throughputProbe { probeThroughput(&r) }
+        // A refused gift decides auto's stream path without a probe (never left at gift).
+        if throughputProbe || r.vmspliceGiftRefused != nil { probeThroughput(&r) }
         return r
     }
 
@@ -168,7 +169,8 @@ public enum HostCheck {
     /// QEMU binaries and what Baton can do between them; libvirtd's version.
     static func probeQEMU(_ r: inout CheckReport) {
         r.qemuBinaries = QEMUInstallation.find()
-        for a in r.qemuBinaries { for b in r.qemuBinaries where a != b { r.qemuPairs.append(QEMUInstallation.pair(a, b)) } }
+        // Every ordered pair, a binary with itself too (a rebuilt QEMU of the same version: cpr-transfer from 10.0).
+        for a in r.qemuBinaries { for b in r.qemuBinaries { r.qemuPairs.append(QEMUInstallation.pair(a, b)) } }
         for q in r.qemuBinaries { r.items.append(CheckItem(name: "qemu", ok: true, detail: "\(q.path): QEMU \(q.version)", fix: nil)) }
         if r.qemuBinaries.isEmpty {
             r.items.append(CheckItem(name: "qemu", ok: false, detail: "no qemu-system-x86_64 found", fix: "apt-get install qemu-system-x86; Scripts/install-qemu.sh for QEMU 10.0 beside it"))

@@ -81,6 +81,14 @@ struct ServeCommand: ParsableCommand {
                                    onHookEvent: { domain, operation in upgrader.value?.hookEvent(domain: domain, operation: operation) },
                                    metricsText: { MetricsExport.text() })
         service.logger = log
+        var defaults = BatonService.UpgradeDefaults()
+        defaults.transport = file.transport
+        defaults.releaseSource = file.releaseSource
+        defaults.digest = file.digest
+        defaults.readyTimeoutSeconds = file.timeoutSeconds
+        defaults.stallTimeoutSeconds = file.stallTimeoutSeconds
+        defaults.runDirectory = file.runDirectory
+        service.upgradeDefaults = defaults
         service.qemuUpgrade = { request in ServeCommand.upgradeQEMU(request, file: file, service: service, log: log) }
         var metricsAddress: String?
         if let address = metricsListen ?? file.metricsListen {
@@ -223,6 +231,12 @@ struct ServeCommand: ParsableCommand {
             scanned = buffer.count
             if buffer.count > maximumLineBytes {
                 try? client.send(Array(#"{"ok":false,"error":"request line longer than 1 MiB; closing"}"#.utf8) + [0x0A])
+                // A close with unread input resets the connection, and the peer could lose the
+                // reply: end our side, then discard what it still sends (bounded: 1 s, 8 MiB).
+                client.shutdownWrite()
+                try? client.setTimeout(seconds: 1)
+                var discarded = 0
+                while discarded < 8 << 20, let more = try? client.fd.readSome(65536), !more.isEmpty { discarded += more.count }
                 return
             }
         }

@@ -142,12 +142,16 @@ struct UpgradeCommand: ParsableCommand {
         }
         guard let binary else { throw fail("--binary: give the new batonvmm", .usage) }
         if let service {
-            // The service keeps its own journals and run directory; everything else goes along.
+            // The service keeps its own journals and run directory; the flags given go along, and
+            // what they leave unsaid the service's own configuration decides.
             if journal != nil || runDirectoryOption != nil {
                 throw fail("--service: the service keeps its journals and run files in its state directory; drop --journal and --run-directory", .usage)
             }
-            let reply = try ServiceClient.request(service, ["op": "upgrade", "vm": vm, "binary": binary, "transport": transport, "release_source": releaseSource,
-                                                            "in_place": inPlace || chDomain, "digest": digest, "strict": strict])
+            var request: [String: Any] = ["op": "upgrade", "vm": vm, "binary": binary, "in_place": inPlace || chDomain, "strict": strict]
+            if let transportOption { request["transport"] = transportOption }
+            if let releaseSourceFlag { request["release_source"] = releaseSourceFlag }
+            if let digestFlag { request["digest"] = digestFlag }
+            let reply = try ServiceClient.request(service, request)
             if json, let report = reply["report"] {
                 print(String(decoding: try JSONSerialization.data(withJSONObject: report, options: [.sortedKeys]), as: UTF8.self))
             } else if let line = reply["line"] as? String {
@@ -172,6 +176,7 @@ struct UpgradeCommand: ParsableCommand {
         options.journalPath = journal
         options.runDirectory = runDirectory
         options.fault = try controllerFault()
+        if !json { options.onNotice = { FileHandle.standardError.write(Data("baton: notice: \($0)\n".utf8)) } }
         do {
             let report = try UpgradeController(options: options).run()
             record.generation += 1
@@ -179,7 +184,6 @@ struct UpgradeCommand: ParsableCommand {
             record.oldPid = report.oldPid
             record.newPid = report.newPid
             record.transport = report.transport
-            for notice in report.notices where !json { FileHandle.standardError.write(Data("baton: notice: \(notice)\n".utf8)) }
             if json { printJSON(report) } else { print(report.line) }
         } catch let failure as UpgradeFailure {
             record.state = failure.report.rolledBack ? "rolledBack" : "failed"

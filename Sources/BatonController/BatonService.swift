@@ -37,6 +37,20 @@ public final class BatonService: @unchecked Sendable {
     /// know QEMU). Called with the domain marked in flight.
     public var qemuUpgrade: (@Sendable ([String: Any]) -> [String: Any])?
 
+    /// What a batonvmm upgrade request does not say (`[upgrade]` in baton.toml, set by `baton
+    /// serve`; a request's own field wins).
+    public struct UpgradeDefaults: Sendable {
+        public var transport = "auto"
+        public var releaseSource = false
+        public var digest = false
+        public var readyTimeoutSeconds = 30.0
+        public var stallTimeoutSeconds = 10.0
+        /// nil: `run` under the state directory.
+        public var runDirectory: String?
+        public init() {}
+    }
+    public var upgradeDefaults = UpgradeDefaults()
+
     public init(stateDirectory: String, staleDomainCount: @escaping @Sendable () -> Int? = { nil },
                 onHookEvent: @escaping @Sendable (String, String) -> Void = { _, _ in },
                 metricsText: @escaping @Sendable () -> String = { "" }) {
@@ -129,22 +143,24 @@ public final class BatonService: @unchecked Sendable {
         defer { lock.lock(); inFlight[key] = nil; inFlightNames[key] = nil; BatonMetrics.inFlight(inFlight.count); lock.unlock() }
         BatonMetrics.started(hypervisor: "batonvmm")
         var options = UpgradeOptions(vmSocket: vm, binary: binary)
-        options.transport = request["transport"] as? String ?? "auto"
-        options.releaseSource = request["release_source"] as? Bool ?? false
+        options.transport = request["transport"] as? String ?? upgradeDefaults.transport
+        options.releaseSource = request["release_source"] as? Bool ?? upgradeDefaults.releaseSource
         options.inPlace = request["in_place"] as? Bool ?? false
-        options.digest = request["digest"] as? Bool ?? false
+        options.digest = request["digest"] as? Bool ?? upgradeDefaults.digest
         options.strict = request["strict"] as? Bool ?? false
-        options.runDirectory = stateDirectory + "/run"
+        options.readyTimeoutSeconds = upgradeDefaults.readyTimeoutSeconds
+        options.stallTimeoutSeconds = upgradeDefaults.stallTimeoutSeconds
+        options.runDirectory = upgradeDefaults.runDirectory ?? stateDirectory + "/run"
         options.journalPath = stateDirectory + "/journal-\(vm.hashValue.magnitude)-\(Int(Date().timeIntervalSince1970 * 1000)).jsonl"
         // The fault switch (tests, the harness): the same variable the CLI reads.
         options.fault = ProcessInfo.processInfo.environment["BATON_CONTROLLER_FAULT"].flatMap(ControllerFault.init(parsing:))
         do {
             let report = try UpgradeController(options: options).run()
-            BatonMetrics.ended(hypervisor: "batonvmm", outcome: .succeeded, mode: report.transport, downtimeMs: report.downtimeMs,
+            BatonMetrics.ended(hypervisor: "batonvmm", outcome: report.rolledForward ? .rolledForward : .succeeded, mode: report.transport, downtimeMs: report.downtimeMs,
                                phasesMs: [("pause", report.pauseMs), ("state", report.stateMs), ("ram", report.ramMs), ("verify", report.verifyMs), ("resume", report.resumeMs)],
                                bytes: Int64(report.ramBytes))
             lock.lock(); completed += 1; lock.unlock()
-            logUpgrade(report, outcome: "upgraded")
+            logUpgrade(report, outcome: report.rolledForward ? "rolledForward" : "upgraded", reason: report.error)
             return ["ok": true, "line": report.line, "report": encode(report)]
         } catch let failure as UpgradeFailure where failure.refused {
             // A `baton upgrade` outside the service holds the VM.
@@ -162,6 +178,7 @@ public final class BatonService: @unchecked Sendable {
         } catch {
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: .failed, mode: options.transport, downtimeMs: nil)
             lock.lock(); failures += 1; lock.unlock()
+            logger.error("upgrade", metadata: ["vm": "\(vm)", "outcome": "failed", "mode": "\(options.transport)", "reason": "\(error)"])
             return ["ok": false, "error": "\(error)"]
         }
     }

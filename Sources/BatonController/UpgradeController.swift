@@ -20,6 +20,9 @@ public struct UpgradeReport: Codable, Sendable {
     public var oldPid: Int32 = 0
     public var newPid: Int32 = 0
     public var rolledBack = false
+    /// The handoff failed after the point of no return and the new instance runs the guest
+    /// (adopted, or committed before the old one died): not a clean upgrade (`error` says why).
+    public var rolledForward = false
     public var ramDigestAtPause: String?
     public var ramDigestBeforeResume: String?
     public var error: String?
@@ -62,6 +65,9 @@ public struct UpgradeOptions: Sendable {
     /// guest RAM (memfd), the state (memfd) and the API socket. What libvirt's ch driver needs,
     /// since it knows a domain only by its VMM's pid.
     public var inPlace = false
+    /// Told each notice (gift refused by the kernel, ...) as soon as the old instance decides
+    /// it, before the pause: an operator learns of a fallback even if the upgrade then fails.
+    public var onNotice: (@Sendable (String) -> Void)?
 
     public init(vmSocket: String, binary: String) {
         self.vmSocket = vmSocket
@@ -288,6 +294,7 @@ public final class UpgradeController {
             report.downtimeMs = 0  // not a clean handoff: no downtime figure
             report.verified = false
             report.error = "the old instance died after the pause (\(cause)); the new instance adopted the guest from its memfds"
+            report.rolledForward = true
             report.ramDigestBeforeResume = after.ramDigestBeforeResume
             try? log(.committed, note: "rolled forward by adoption")
             try? log(.done)
@@ -493,6 +500,7 @@ extension UpgradeController: HandoffHypervisor {
             agentSocket: agentSocket, transport: options.transport, releaseSource: options.releaseSource,
             stallTimeoutSeconds: options.stallTimeoutSeconds, strict: options.strict))
         report.notices = try prepareReply.decode(HandoffPrepared.self).notices
+        for notice in report.notices { options.onNotice?(notice) }
         prepared = true
         try log(.prepared)
     }
@@ -566,6 +574,7 @@ extension UpgradeController: HandoffHypervisor {
             // was lost with it, but the new instance runs the guest.
             let after = try waitForNewInstance()
             report.error = "the old instance died during the commit (\(error)); the new instance had committed and runs the guest"
+            report.rolledForward = true
             report.ramDigestBeforeResume = after.ramDigestBeforeResume
             try? log(.committed, note: "the new instance serves the VM: committed before the old instance died")
             try? log(.resumed)

@@ -1,5 +1,6 @@
-/// XXH64 (Yann Collet's xxHash, 64-bit), used for per-chunk checksums and region digests:
-/// fast enough to run on every chunk inside the pause, and with published test vectors.
+/// XXH64 (Yann Collet's xxHash, 64-bit): the region digest over the chunk checksums, and the
+/// tail of a chunk checksum (ChunkChecksum, whose body is an 8-lane variant, Docs/PROTOCOL.md §8);
+/// with published test vectors.
 public enum XXH64 {
     static let p1: UInt64 = 0x9E37_79B1_85EB_CA87
     static let p2: UInt64 = 0xC2B2_AE3D_27D4_EB4F

@@ -56,7 +56,7 @@ public struct PipeLaneSender {
 
     public func send(_ chunks: [Chunk], sources: [UInt32: SourceRegion], checksums: ChunkChecksums) throws {
         for chunk in chunks {
-            guard let source = sources[chunk.regionID] else { throw TransferError.destinationMissing(regionID: chunk.regionID) }
+            guard let source = sources[chunk.regionID] else { throw TransferError.destinationMissing(lane: lane, regionID: chunk.regionID, offset: chunk.offset) }
             let start = source.base + Int(chunk.offset)
             let sum = chunk.checksum(regionBase: source.base)
             checksums[chunk.index] = sum
@@ -74,7 +74,7 @@ public struct PipeLaneSender {
                 } catch let e as SyscallError where e.errno == EAGAIN {
                     try control.waitReady(pipe, events: Int16(POLLOUT), what: "lane \(lane) pipe (sending chunk \(chunk.index))")
                 } catch let e as SyscallError {
-                    throw TransferError.syscall(e, regionID: chunk.regionID, offset: chunk.offset + UInt64(cursor.consumed))
+                    throw TransferError.syscall(e, lane: lane, regionID: chunk.regionID, offset: chunk.offset + UInt64(cursor.consumed))
                 }
             }
             control.progress.add(chunk.length)
@@ -127,7 +127,7 @@ public struct PipeLaneReceiver {
 
     public func receive(_ chunks: [Chunk], destinations: [UInt32: DestinationRegion], checksums: ChunkChecksums) throws {
         for chunk in chunks {
-            guard let dest = destinations[chunk.regionID] else { throw TransferError.destinationMissing(regionID: chunk.regionID) }
+            guard let dest = destinations[chunk.regionID] else { throw TransferError.destinationMissing(lane: lane, regionID: chunk.regionID, offset: chunk.offset) }
             let start = dest.base + Int(chunk.offset)
             if populateAhead {
                 // One populate call per chunk instead of a page fault per 4 KiB page.
@@ -150,7 +150,7 @@ public struct PipeLaneReceiver {
                 } catch let e as SyscallError where e.errno == EAGAIN {
                     try control.waitReady(pipe, events: Int16(POLLIN), what: "lane \(lane) pipe (receiving chunk \(chunk.index))")
                 } catch let e as SyscallError {
-                    throw TransferError.syscall(e, regionID: chunk.regionID, offset: chunk.offset + UInt64(cursor.consumed))
+                    throw TransferError.syscall(e, lane: lane, regionID: chunk.regionID, offset: chunk.offset + UInt64(cursor.consumed))
                 }
             }
             if faults.corruptChunk == chunk.index { start.storeBytes(of: start.load(as: UInt8.self) ^ 0x5A, as: UInt8.self) }

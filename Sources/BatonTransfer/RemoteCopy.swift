@@ -19,7 +19,7 @@ public struct RemoteLaneReader {
         for chunk in chunks {
             if control.isCancelled { throw TransferError.cancelled(at: "process_vm_readv of region \(chunk.regionID) offset 0x\(String(chunk.offset, radix: 16))") }
             guard let dest = destinations[chunk.regionID], let remoteBase = sourceAddresses[chunk.regionID] else {
-                throw TransferError.destinationMissing(regionID: chunk.regionID)
+                throw TransferError.destinationMissing(lane: chunk.lane, regionID: chunk.regionID, offset: chunk.offset)
             }
             let local = dest.base + Int(chunk.offset)
             var done = 0
@@ -29,7 +29,7 @@ public struct RemoteLaneReader {
                 do {
                     n = try ProcessMemory.read(from: sourcePID, local: local + done, remote: UInt(remoteBase + chunk.offset) + UInt(done), length: length - done)
                 } catch let e as SyscallError {
-                    throw TransferError.syscall(e, regionID: chunk.regionID, offset: chunk.offset + UInt64(done))
+                    throw TransferError.syscall(e, lane: chunk.lane, regionID: chunk.regionID, offset: chunk.offset + UInt64(done))
                 }
                 if n == 0 {
                     throw TransferError.pipeClosedEarly(lane: chunk.lane ?? 0, regionID: chunk.regionID, offset: chunk.offset,

@@ -55,8 +55,9 @@ public enum TransferError: Error, CustomStringConvertible, Equatable {
     case cancelled(at: String)
     case stalled(what: String, seconds: Double)
     case pipeClosedEarly(lane: Int, regionID: UInt32, offset: UInt64, received: UInt64, expected: UInt64)
-    case syscall(SyscallError, regionID: UInt32, offset: UInt64)
-    case destinationMissing(regionID: UInt32)
+    /// `lane` nil: not a pipe lane (process_vm_readv's own split).
+    case syscall(SyscallError, lane: Int?, regionID: UInt32, offset: UInt64)
+    case destinationMissing(lane: Int?, regionID: UInt32, offset: UInt64)
     case descriptorMissing(regionID: UInt32, index: Int32)
     case descriptorMismatch(regionID: UInt32, index: Int32)
     case memfdTooSmall(regionID: UInt32, size: Int, needed: Int)
@@ -69,8 +70,9 @@ public enum TransferError: Error, CustomStringConvertible, Equatable {
         case .stalled(let what, let s): "peer stalled: no progress on \(what) for \(s) s"
         case let .pipeClosedEarly(lane, region, offset, received, expected):
             "pipe of lane \(lane) closed early: region \(region) offset 0x\(String(offset, radix: 16)) got \(received) of \(expected) bytes"
-        case let .syscall(e, region, offset): "\(e) (region \(region) offset 0x\(String(offset, radix: 16)))"
-        case .destinationMissing(let id): "no destination mapping for region \(id)"
+        case let .syscall(e, lane, region, offset): "\(e) (\(lane.map { "lane \($0), " } ?? "")region \(region) offset 0x\(String(offset, radix: 16)))"
+        case let .destinationMissing(lane, id, offset):
+            "\(lane.map { "lane \($0): " } ?? "")a chunk at region \(id) offset 0x\(String(offset, radix: 16)) names a region with no mapping on this side"
         case let .descriptorMissing(id, index): "memfd region \(id) refers to descriptor \(index), which did not arrive"
         case let .descriptorMismatch(id, index):
             "memfd region \(id): descriptor \(index) on transferBegin is not the memfd announced with the region table (another file, or an offset)"

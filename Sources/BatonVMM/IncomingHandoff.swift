@@ -64,7 +64,7 @@ public struct IncomingHandoff {
         case .transfer(.pipeClosedEarly): return true
         case .system(let e): return gone(e)
         // process_vm_readv from a sender that died: ESRCH, or EFAULT while its memory is torn down.
-        case .transfer(.syscall(let e, _, _)): return gone(e) || e.errno == ESRCH || e.errno == EFAULT
+        case .transfer(.syscall(let e, _, _, _)): return gone(e) || e.errno == ESRCH || e.errno == EFAULT
         default: return false
         }
     }

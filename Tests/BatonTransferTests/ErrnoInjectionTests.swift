@@ -49,6 +49,21 @@ struct ErrnoInjectionTests {
         }
     }
 
+    @Test("a kernel that refuses SPLICE_F_GIFT: `baton check` says so, and the stream probe (what auto picks) is not gift")
+    func checkReportsGiftRefusal() throws {
+        let refused = try BatonProcess(["check", "--json", "--no-throughput"], environment: ["BATON_SYSCALL_FAULTS": "vmsplice=EOPNOTSUPP@*"]).finish()
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(refused.stdout.utf8)) as? [String: Any], "\(refused.stdout) \(refused.stderr)")
+        #expect((report["vmspliceGiftRefused"] as? String ?? "").contains("EOPNOTSUPP") && report["vmspliceGift"] as? Bool == false, "\(refused.stdout)")
+        #expect(report["autoStreamTransport"] as? String != "gift", "\(refused.stdout)")
+        let items = report["items"] as? [[String: Any]] ?? []
+        let gift = items.first { ($0["name"] as? String) == "vmsplice GIFT|MOVE" }
+        #expect(gift?["ok"] as? Bool == false && (gift?["detail"] as? String ?? "").contains("EOPNOTSUPP"), "\(items)")
+        // The same probe without the fault: gift works on this kernel, so the test above is the fault's doing.
+        let plain = try BatonProcess(["check", "--json", "--no-throughput"]).finish()
+        let normal = try #require(try JSONSerialization.jsonObject(with: Data(plain.stdout.utf8)) as? [String: Any])
+        #expect(normal["vmspliceGiftRefused"] == nil && normal["vmspliceGift"] as? Bool == true, "\(plain.stdout)")
+    }
+
     @Test("a kernel that refuses SPLICE_F_GIFT: --transport gift streams by pipe copy with a notice, intact; --strict refuses before anything moves; auto never picks gift")
     func giftRefused() throws {
         let refuse = ["BATON_SYSCALL_FAULTS": "vmsplice=EOPNOTSUPP@*"]

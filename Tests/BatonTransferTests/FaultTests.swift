@@ -69,6 +69,10 @@ struct FaultTests {
         #expect(r.received.status == 128 + SIGKILL || r.received.status == SIGKILL)
         #expect(r.sent.status == 3)
         #expect(r.sent.stderr.contains("EPIPE") || r.sent.stderr.contains("closed"), "\(r.sent.stderr)")
+        // Where: the lane, region and offset the write failed at, not a bare errno.
+        if r.sent.stderr.contains("EPIPE") {
+            #expect(r.sent.stderr.contains("(lane ") && r.sent.stderr.contains("region 0 offset 0x"), "\(r.sent.stderr)")
+        }
     }
 
     @Test("a truncated or oversize message is refused by the receiver", arguments: ["truncate-message:regionTable", "oversize-message:transferEnd"])

@@ -152,6 +152,41 @@ struct ServiceUpgradeTests {
         #expect(try vm.status().state == .running)
     }
 
+    @Test("[upgrade] in the service's configuration decides what a request leaves unsaid (transport, run directory); a flag still wins")
+    func configurationDecidesDefaults() throws {
+        let dir = try BatonProcess.makeRunDirectory("svc-cfg")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = dir + "/baton.toml"
+        try "[upgrade]\ntransport = \"copy\"\nrun_directory = \"\(dir)/run-cfg\"\nstall_timeout_seconds = 5\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let service = try ServiceUnderTest("svc-cfg-serve", arguments: ["--config", config])
+        defer { service.stop(SIGKILL) }
+        let vm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vm.stop() }
+        let first = try BatonProcess(["upgrade", "--service", service.socket, "--vm", vm.socket, "--binary", try service.nextBatonvmm()]).finish()
+        #expect(first.status == 0 && first.stdout.contains("via process_vm_readv"), "\(first.stdout) \(first.stderr)")
+        #expect(FileManager.default.fileExists(atPath: dir + "/run-cfg"), "run_directory from the file not used")
+        let second = try BatonProcess(["upgrade", "--service", service.socket, "--vm", vm.socket, "--binary", try service.nextBatonvmm(), "--transport", "memfd"]).finish()
+        #expect(second.status == 0 && second.stdout.contains("via memfd"), "\(second.stdout) \(second.stderr)")
+    }
+
+    @Test("the old instance killed after the pause: the service's upgrade rolls forward, and it is counted and logged as rolled_forward, not succeeded")
+    func countsRollForward() throws {
+        let service = try ServiceUnderTest("svc-fwd", environment: ["BATON_CONTROLLER_FAULT": "kill-old-after:paused"])
+        defer { service.stop(SIGKILL) }
+        let vm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vm.stop() }
+        let oldPid = try vm.status().pid
+        let upgrade = try BatonProcess(["upgrade", "--service", service.socket, "--vm", vm.socket, "--binary", try service.nextBatonvmm(), "--transport", "memfd"]).finish()
+        let after = try vm.status()
+        #expect(after.state == .running && after.pid != oldPid, "\(upgrade.stdout) \(upgrade.stderr)")
+        let metrics = try BatonProcess(["status", "--socket", service.socket, "--metrics"]).finish()
+        #expect(metrics.stdout.contains("baton_upgrades_total{hypervisor=\"batonvmm\",outcome=\"rolled_forward\",mode=\"memfd\"} 1"), "\(metrics.stdout)")
+        #expect(!metrics.stdout.contains("outcome=\"succeeded\""), "\(metrics.stdout)")
+        service.serve.kill(SIGTERM)
+        let stopped = service.serve.finish()
+        #expect(stopped.stderr.contains("outcome=rolledForward"), "\(stopped.stderr)")
+    }
+
     @Test("a request line without end gets one error and a close; ten thousand requests in one write each get their reply")
     func boundedRequestLines() throws {
         let service = try ServiceUnderTest("svc-lines")

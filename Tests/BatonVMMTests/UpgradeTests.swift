@@ -212,6 +212,20 @@ struct RecoveryTests {
         #expect(again.status == 0, "\(again.stderr)")
     }
 
+    @Test("a kernel that refuses SPLICE_F_GIFT: `--transport gift` says it falls back before the pause, so the notice is there even when the upgrade then rolls back")
+    func giftRefusedNoticeBeforePause() throws {
+        let vmm = try RunningVMM(simulated: true, environment: ["BATON_SYSCALL_FAULTS": "vmsplice=EOPNOTSUPP@*"])
+        defer { vmm.stop() }
+        let oldPid = try vmm.status().pid
+        let failed = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", try newBinary(in: vmm.directory), "--transport", "gift"],
+                                      environment: ["BATON_CONTROLLER_FAULT": "kill-new-after:prepared"]).finish()
+        #expect(failed.status != 0, "\(failed.stdout)")
+        #expect(failed.stderr.contains("baton: notice: gift: this kernel refuses vmsplice(SPLICE_F_GIFT) (EOPNOTSUPP)"), "\(failed.stderr)")
+        #expect(failed.stderr.contains("rolled back"), "\(failed.stderr)")
+        let after = try vmm.status()
+        #expect(after.state == .running && after.pid == oldPid)
+    }
+
     @Test("the journal cannot record `committing`: the upgrade rolls back before the point of no return")
     func journalFailureBeforeCommit() throws {
         let vmm = try RunningVMM(simulated: true)

@@ -20,12 +20,12 @@ final class RunningVMM {
     let pid: pid_t
     let client: VMMClient
 
-    init(ram: String = "64MiB", simulated: Bool = false, memory: String = "shared") throws {
+    init(ram: String = "64MiB", simulated: Bool = false, memory: String = "shared", environment: [String: String] = [:]) throws {
         directory = try BatonProcess.makeRunDirectory("vmm")
         socket = directory + "/vm.sock"
         var args = ["--ram", ram, "--control", socket, "--memory", memory]
         if simulated { args.append("--simulated") }
-        pid = try Spawn.detached(batonvmmPath, args, logPath: directory + "/vmm.log")
+        pid = try Spawn.detached(batonvmmPath, args, logPath: directory + "/vmm.log", environment: environment)
         client = VMMClient(socketPath: socket)
         guard BatonProcess.waitForPath(socket) else { throw VMMClient.Failure(description: "batonvmm never listened: \(log)") }
     }
