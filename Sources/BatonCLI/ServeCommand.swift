@@ -35,6 +35,9 @@ struct ServeCommand: ParsableCommand {
     @Option(help: "Serve Prometheus text at http://ADDRESS:PORT/metrics (port 0: any). Default: [service] metrics_listen.")
     var metricsListen: String?
 
+    @Option(help: "trace | debug | info | notice | warning | error | critical. Default: [service] log_level.")
+    var logLevel: String?
+
     func run() throws {
         // First, before any thread exists, so that every thread inherits the mask: SIGTERM and
         // SIGINT then never kill the process (not even inside a pause); swift-service-lifecycle's
@@ -52,7 +55,9 @@ struct ServeCommand: ParsableCommand {
         guard let policy = BatonConfiguration.UpgradePolicy(rawValue: self.policy ?? file.policy.rawValue) else {
             throw fail("--policy: '\(self.policy ?? "")' is not manual, on-reconnect or on-stale", .usage)
         }
-        let level = Logger.Level(rawValue: file.logLevel) ?? .info
+        guard let level = Logger.Level(rawValue: logLevel ?? file.logLevel) else {
+            throw fail("--log-level: '\(logLevel ?? "")' is not trace, debug, info, notice, warning, error or critical", .usage)
+        }
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level

@@ -152,6 +152,29 @@ struct ServiceUpgradeTests {
         #expect(try vm.status().state == .running)
     }
 
+    @Test("log_level in the file silences the info lines, --log-level overrides it; a bad file is refused at start with its key and line (exit 78)")
+    func configurationAtStart() throws {
+        let dir = try BatonProcess.makeRunDirectory("svc-log")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let config = dir + "/baton.toml"
+        try "[service]\nlog_level = \"warning\"\n".write(toFile: config, atomically: true, encoding: .utf8)
+        for (arguments, listening) in [([String](), false), (["--log-level", "info"], true)] {
+            let service = try ServiceUnderTest("svc-log-serve", arguments: ["--config", config] + arguments)
+            service.serve.kill(SIGTERM)
+            let stopped = service.serve.finish()
+            service.stop()
+            #expect(stopped.status == 0, "\(stopped.stderr)")
+            #expect(stopped.stderr.contains("listening") == listening, "\(arguments): \(stopped.stderr)")
+        }
+        try "[service]\nsocket = \"/tmp/x.sock\"\n\n[upgrade]\nstall_timeout_seconds = \"soon\"\n".write(toFile: config, atomically: true, encoding: .utf8)
+        let bad = try BatonProcess(["serve", "--config", config, "--socket", dir + "/s.sock", "--state", dir + "/state"]).finish()
+        #expect(bad.status == 78, "\(bad.stderr)")
+        #expect(bad.stderr.contains("\(config):5") && bad.stderr.contains("stall_timeout_seconds"), "\(bad.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/s.sock"), "refused, yet it listened")
+        let badLevel = try BatonProcess(["serve", "--log-level", "loud", "--socket", dir + "/s.sock", "--state", dir + "/state"]).finish()
+        #expect(badLevel.status != 0 && badLevel.stderr.contains("--log-level"), "\(badLevel.stderr)")
+    }
+
     @Test("[upgrade] in the service's configuration decides what a request leaves unsaid (transport, run directory); a flag still wins")
     func configurationDecidesDefaults() throws {
         let dir = try BatonProcess.makeRunDirectory("svc-cfg")
