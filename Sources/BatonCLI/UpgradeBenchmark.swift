@@ -8,23 +8,34 @@ import Glibc
 
 /// `baton bench upgrade`: downtime of real in-place upgrades of a running reference VM,
 /// repeated per transport, min/median/max, with memcpy of the same RAM size in the same run.
+/// With `--load N`, each transport is measured quiet and then with N CPU-bound processes
+/// running, on the same VM in the same run; the first upgrade after the VM started is
+/// reported on its own (it is not one of the runs).
 struct UpgradeBench: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "upgrade", abstract: "Downtime of in-place upgrades of a running batonvmm.")
 
     @Option(help: "Guest RAM.")
     var ram: String = "1GiB"
 
-    @Option(help: "Upgrades per transport.")
+    @Option(help: "Upgrades per transport (and per condition with --load).")
     var runs: Int = 5
 
     @Option(help: "Comma-separated transports.")
     var transports: String = "memfd,gift,copy"
+
+    @Option(help: "Also measure with this many CPU-bound processes running on the host (0: quiet only).")
+    var load: Int = 0
+
+    @Flag(inversion: .prefixedNo, help: "Raise the pause's threads to nice -20 (`baton upgrade --pause-priority`).")
+    var pausePriority = false
 
     @Flag(help: "One JSON object.")
     var json = false
 
     struct Row: Codable {
         let transport: String
+        /// "quiet", or "load N" (N CPU-bound processes running during the runs).
+        let condition: String
         let ramBytes: Int
         let runs: Int
         let downtimeMs: Spread
@@ -33,8 +44,26 @@ struct UpgradeBench: ParsableCommand {
         let ramMs: Spread
         let verifyMs: Spread
         let resumeMs: Spread
+        /// Downtime that none of the five phases covers (downtime − their sum), per run.
+        let unaccountedMs: Spread
+        /// The first upgrade after the VM started (quiet rows only; not among the runs).
+        let firstDowntimeMs: Double?
         let memcpyMs: Spread
         let allVerified: Bool
+    }
+
+    func validate() throws {
+        guard runs >= 1 else { throw ValidationError("--runs: give at least 1") }
+        guard (0...64).contains(load) else { throw ValidationError("--load: give 0 to 64 CPU-bound processes") }
+    }
+
+    /// N busy loops (each a shell spinning: CPU-bound, no memory, no I/O), stopped and reaped by `stop`.
+    struct CPULoad {
+        let pids: [pid_t]
+        init(_ count: Int, logPath: String) throws {
+            pids = try (0..<count).map { _ in try Spawn.detached("/bin/sh", ["-c", "while :; do :; done"], logPath: logPath) }
+        }
+        func stop() { for pid in pids { kill(pid, SIGKILL); _ = Spawn.exitStatus(pid) } }
     }
 
     func run() throws {
@@ -53,29 +82,40 @@ struct UpgradeBench: ParsableCommand {
             let client = VMMClient(socketPath: socket)
             defer { _ = try? client.request("PUT", "/api/v1/vmm.shutdown"); kill(pid, SIGKILL); _ = Spawn.exitStatus(pid) }
             guard BatonProcess.waitForPath(socket, timeoutSeconds: 60) else { throw fail("batonvmm did not start", .failure) }
-            var reports: [UpgradeReport] = []
-            for i in 0..<runs {
-                if !json { FileHandle.standardError.write(Data("bench: upgrade \(transport) \(ByteSize(bytes)) run \(i + 1)/\(runs)\n".utf8)) }
+            func upgrade(_ label: String) throws -> UpgradeReport {
+                if !json { FileHandle.standardError.write(Data("bench: upgrade \(transport) \(ByteSize(bytes)) \(label)\n".utf8)) }
                 var options = UpgradeOptions(vmSocket: socket, binary: next)
                 options.transport = transport
+                options.pausePriority = pausePriority
                 options.runDirectory = dir + "/run"
-                reports.append(try UpgradeController(options: options).run())
+                let report = try UpgradeController(options: options).run()
                 usleep(200_000)  // let the guest run between upgrades
+                return report
             }
-            rows.append(Row(transport: reports.last?.transport ?? transport, ramBytes: bytes, runs: runs,
-                            downtimeMs: Spread(reports.map(\.downtimeMs)), pauseMs: Spread(reports.map(\.pauseMs)),
-                            stateMs: Spread(reports.map(\.stateMs)), ramMs: Spread(reports.map(\.ramMs)),
-                            verifyMs: Spread(reports.map(\.verifyMs)), resumeMs: Spread(reports.map(\.resumeMs)),
-                            memcpyMs: Spread(memcpyTimes), allVerified: reports.allSatisfy(\.verified)))
+            let first = try upgrade("first after start")
+            for (condition, hogs) in [("quiet", 0)] + (load > 0 ? [("load \(load)", load)] : []) {
+                let cpu = try CPULoad(hogs, logPath: dir + "/load.log")
+                defer { cpu.stop() }
+                if hogs > 0 { usleep(500_000) }  // the scheduler sees the load before the first run
+                let reports = try (0..<runs).map { try upgrade("\(condition) run \($0 + 1)/\(runs)") }
+                rows.append(Row(transport: reports.last?.transport ?? transport, condition: condition, ramBytes: bytes, runs: runs,
+                                downtimeMs: Spread(reports.map(\.downtimeMs)), pauseMs: Spread(reports.map(\.pauseMs)),
+                                stateMs: Spread(reports.map(\.stateMs)), ramMs: Spread(reports.map(\.ramMs)),
+                                verifyMs: Spread(reports.map(\.verifyMs)), resumeMs: Spread(reports.map(\.resumeMs)),
+                                unaccountedMs: Spread(reports.map { $0.downtimeMs - ($0.pauseMs + $0.stateMs + $0.ramMs + $0.verifyMs + $0.resumeMs) }),
+                                firstDowntimeMs: hogs == 0 ? first.downtimeMs : nil,
+                                memcpyMs: Spread(memcpyTimes), allVerified: reports.allSatisfy(\.verified) && first.verified))
+            }
         }
         if json { printJSON(["results": rows]); return }
-        print("transport          RAM     downtime ms (min/median/max)   pause   state   ram      verify  resume  memcpy ms (median)")
+        print("transport          load     RAM     downtime ms (min/median/max)   first    pause   state   ram      verify  resume  other   memcpy ms (median)")
         for r in rows {
             print(r.transport.padding(toLength: 18, withPad: " ", startingAt: 0)
+                  + r.condition.padding(toLength: 9, withPad: " ", startingAt: 0)
                   + "\(ByteSize(r.ramBytes))".padding(toLength: 8, withPad: " ", startingAt: 0)
-                  + String(format: "%7.2f / %7.2f / %7.2f      %6.2f  %6.2f  %7.2f  %6.2f  %6.2f  %7.2f",
-                           r.downtimeMs.min, r.downtimeMs.median, r.downtimeMs.max, r.pauseMs.median, r.stateMs.median,
-                           r.ramMs.median, r.verifyMs.median, r.resumeMs.median, r.memcpyMs.median)
+                  + String(format: "%7.2f / %7.2f / %7.2f      %7@  %6.2f  %6.2f  %7.2f  %6.2f  %6.2f  %6.2f  %7.2f",
+                           r.downtimeMs.min, r.downtimeMs.median, r.downtimeMs.max, r.firstDowntimeMs.map { String(format: "%7.2f", $0) } ?? "      –",
+                           r.pauseMs.median, r.stateMs.median, r.ramMs.median, r.verifyMs.median, r.resumeMs.median, r.unaccountedMs.median, r.memcpyMs.median)
                   + (r.allVerified ? "" : "  NOT VERIFIED"))
         }
     }

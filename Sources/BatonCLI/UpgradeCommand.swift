@@ -59,6 +59,9 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(name: .customLong("digest"), inversion: .prefixedNo, help: "Digest all guest RAM at pause and in the new instance before it resumes (adds downtime). Default: [upgrade] digest.")
     var digestFlag: Bool?
 
+    @Flag(inversion: .prefixedNo, help: "batonvmm, two processes: raise the controller's thread and both instances' threads to nice -20 from just before the pause until the guest runs again (needs root; never left raised by a finished upgrade; a controller killed inside the pause leaves them raised).")
+    var pausePriority = false
+
     @Option(help: "Crash-safe journal path (default: in the run directory).")
     var journal: String?
 
@@ -171,6 +174,7 @@ struct UpgradeCommand: ParsableCommand {
         options.releaseSource = releaseSource
         options.strict = strict
         options.digest = digest
+        options.pausePriority = pausePriority
         options.readyTimeoutSeconds = timeout
         options.stallTimeoutSeconds = file.stallTimeoutSeconds
         options.journalPath = journal

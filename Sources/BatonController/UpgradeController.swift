@@ -68,6 +68,11 @@ public struct UpgradeOptions: Sendable {
     /// Told each notice (gift refused by the kernel, ...) as soon as the old instance decides
     /// it, before the pause: an operator learns of a fallback even if the upgrade then fails.
     public var onNotice: (@Sendable (String) -> Void)?
+    /// Raise the controller's and both instances' threads to nice −20 from just before the
+    /// pause until the guest runs in the new instance (PauseBoost): `--pause-priority`. Off by
+    /// default: under `--load 2` it measured inside the noise (Docs/BENCHMARKS.md), and a
+    /// controller killed inside the pause would leave the instances raised.
+    public var pausePriority = false
 
     public init(vmSocket: String, binary: String) {
         self.vmSocket = vmSocket
@@ -180,6 +185,8 @@ public final class UpgradeController {
     var pauseStart: UInt64 = 0
     /// The new instance answered `handoff.commit`: it owns the guest from here.
     var commitAcknowledged = false
+    /// The pause-length priority raise (restored after the resume and on every way out).
+    let pauseBoost = PauseBoost()
 
     public init(options: UpgradeOptions) {
         var options = options
@@ -220,6 +227,7 @@ public final class UpgradeController {
             throw UpgradeFailure(description: "cannot reach the VM at \(options.vmSocket): \(error)", report: report)
         }
         defer { close(lock) }
+        defer { pauseBoost.restore() }  // every path out: rolled back, forward, or failed
         if options.inPlace { return try runInPlace() }
         do { try PrivateDirectory.make(options.runDirectory) } catch {
             throw UpgradeFailure(description: "run directory \(error); nothing was changed", report: report, refused: true)
@@ -506,6 +514,7 @@ extension UpgradeController: HandoffHypervisor {
     }
 
     public func pauseAndTransfer() throws {
+        if options.pausePriority { pauseBoost.raise([report.oldPid, report.newPid]) }
         pauseStart = Host.monotonicNanoseconds()
         try control.pause()
         paused = true
@@ -533,6 +542,7 @@ extension UpgradeController: HandoffHypervisor {
         report.resumeMs = Double(after.startedAtMonotonicNs &- commitStart) / 1e6
         report.downtimeMs = Double(after.startedAtMonotonicNs &- pauseStart) / 1e6
         report.ramDigestBeforeResume = after.ramDigestBeforeResume
+        pauseBoost.restore()
         try log(.resumed)
     }
 

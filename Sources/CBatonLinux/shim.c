@@ -149,3 +149,4 @@ int cbaton_spawn_with_fds(int *pid, const char *path, char *const argv[], char *
     for (int i = 0; i < count; i++) posix_spawn_file_actions_adddup2(&actions, from[i], to[i]);
     return spawn_in_session(pid, path, argv, envp, &actions);
 }
+pid_t cbaton_gettid(void) { return gettid(); }

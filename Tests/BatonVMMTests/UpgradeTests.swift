@@ -212,6 +212,24 @@ struct RecoveryTests {
         #expect(again.status == 0, "\(again.stderr)")
     }
 
+    @Test("--pause-priority: after the upgrade no thread of the new instance is left at the raised nice value")
+    func pausePriorityRestored() throws {
+        guard getuid() == 0 else { print("skipped: --pause-priority needs root (CAP_SYS_NICE)"); return }
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let done = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", try newBinary(in: vmm.directory), "--transport", "memfd", "--pause-priority"]).finish()
+        #expect(done.status == 0, "\(done.stderr)")
+        let pid = try vmm.status().pid
+        let tids = try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task").compactMap { Int32($0) }
+        #expect(tids.count >= 2, "\(tids)")
+        for tid in tids {
+            let stat = try String(contentsOfFile: "/proc/\(pid)/task/\(tid)/stat", encoding: .utf8)
+            // Field 19 is nice; fields after the ")" of the command name start at field 3.
+            let fields = stat[stat.index(after: stat.lastIndex(of: ")")!)...].split(separator: " ")
+            #expect(fields[16] == "0", "thread \(tid) left at nice \(fields[16])")
+        }
+    }
+
     @Test("a kernel that refuses SPLICE_F_GIFT: `--transport gift` says it falls back before the pause, so the notice is there even when the upgrade then rolls back")
     func giftRefusedNoticeBeforePause() throws {
         let vmm = try RunningVMM(simulated: true, environment: ["BATON_SYSCALL_FAULTS": "vmsplice=EOPNOTSUPP@*"])

@@ -28,6 +28,7 @@ int cbaton_get_pipe_size(int fd);
 int cbaton_pipe_bytes_queued(int fd, int *bytes);
 ssize_t cbaton_process_vm_readv(pid_t pid, const struct iovec *local, unsigned long liovcnt,
                                 const struct iovec *remote, unsigned long riovcnt);
+pid_t cbaton_gettid(void);
 /* sendmsg with up to max_fds descriptors in one SCM_RIGHTS control message. */
 ssize_t cbaton_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds);
 /* recvmsg; received descriptors (made O_CLOEXEC) go to fds_out, their count to *nfds.
