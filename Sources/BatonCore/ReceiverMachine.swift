@@ -104,7 +104,7 @@ public struct ReceiverMachine: Sendable {
                 throw .invalidField(command: "transferBegin", field: "transport of released region \(r.regionID)", value: "\(r.transport) (release mode needs gift or pipe-copy)")
             }
             for r in begin.regions where r.transport == .memfd && r.descriptorIndex < 0 {
-                throw .invalidField(command: "transferBegin", field: "descriptor of memfd region \(r.regionID)", value: "none")
+                throw .invalidField(command: "transferBegin", field: "descriptor index of memfd region \(r.regionID)", value: "-1 (none: a memfd region must name one of the descriptors sent with transferBegin)")
             }
             if begin.usesPipes && begin.descriptorCount < Int(begin.lanes) {
                 throw .unexpectedDescriptors(command: "transferBegin", expected: Int(begin.lanes), received: begin.descriptorCount)

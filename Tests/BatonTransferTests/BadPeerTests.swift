@@ -37,8 +37,9 @@ struct BadPeerTests {
 
     let hello = Message.hello(version: ProtocolVersion.current, oldestVersion: 1, pageSize: UInt32(Host.pageSize), capabilities: .all).encoded()
 
-    @Test("a memfd on transferBegin that is not the one announced with the region table is named as such")
-    func memfdSwapped() throws {
+    /// A memfd region announced (and its memfd sent) on `regionTable`; `transferBegin` then names
+    /// descriptor `index` of the descriptors it carries (`other`: one memfd that is another file).
+    func memfdOnTransferBegin(index: Int32, other: Bool) throws -> (String, String?) {
         let (ours, theirs) = try UnixSocket.pair()
         let box = Box()
         let job = try LaneJob(lanes: 1, pin: false) { _ in
@@ -49,19 +50,31 @@ struct BadPeerTests {
         try peer.send(.hello(version: ProtocolVersion.current, oldestVersion: 1, pageSize: UInt32(Host.pageSize), capabilities: .all))
         _ = try peer.receive(whileIn: "awaiting welcome")
         let page = Host.pageSize
-        let announced = try MemoryMapping.memfd(name: "announced", length: page), other = try MemoryMapping.memfd(name: "other", length: page)
+        let announced = try MemoryMapping.memfd(name: "announced", length: page), otherFile = try MemoryMapping.memfd(name: "other", length: page)
         let table = try RegionTable([GuestRegion(id: 0, guestAddress: 0, length: UInt64(page), flags: [.fileBacked, .arrivesAsDescriptor])], pageSize: PageSize(page))
         try peer.send(.regionTable(table), descriptors: [announced.backing!])
         _ = try peer.receive(whileIn: "awaiting regionsReady")
         try peer.send(.transferBegin(TransferBegin(lanes: 1, chunkSize: UInt32(page), pipeCapacity: 0, sourcePID: getpid(), fullVerification: false,
-                                                   regions: [RegionTransfer(regionID: 0, transport: .memfd, descriptorIndex: 0)], descriptorCount: 1)),
-                      descriptors: [other.backing!])
+                                                   regions: [RegionTransfer(regionID: 0, transport: .memfd, descriptorIndex: index)], descriptorCount: other ? 1 : 0)),
+                      descriptors: other ? [otherFile.backing!] : [])
         var failure: String?
         while failure == nil {
             do { _ = try peer.receive(whileIn: "test") } catch ProtocolError.peerFailed(_, let m) { failure = m } catch { break }
         }
         try job.wait()
-        let error = "\(box.error.map { "\($0)" } ?? "no error")"
+        return ("\(box.error.map { "\($0)" } ?? "no error")", failure)
+    }
+
+    @Test("a memfd region on transferBegin that names no descriptor (index -1) is refused, naming the region, never a crash", arguments: [true, false])
+    func memfdWithoutDescriptor(_ withOther: Bool) throws {
+        let (error, failure) = try memfdOnTransferBegin(index: -1, other: withOther)
+        #expect(error.contains("transferBegin: invalid descriptor index of memfd region 0 -1 (none: a memfd region must name one of the descriptors"), "\(error)")
+        #expect(failure?.contains("descriptor index of memfd region 0") == true, "the peer is told: \(failure ?? "nothing")")
+    }
+
+    @Test("a memfd on transferBegin that is not the one announced with the region table is named as such")
+    func memfdSwapped() throws {
+        let (error, failure) = try memfdOnTransferBegin(index: 0, other: true)
         #expect(error.contains("memfd region 0: descriptor 0 on transferBegin is not the memfd announced with the region table"), "\(error)")
         #expect(failure?.contains("not the memfd announced") == true, "the peer is told: \(failure ?? "nothing")")
     }
