@@ -102,7 +102,7 @@ struct UpgradeBench: ParsableCommand {
                                 downtimeMs: Spread(reports.map(\.downtimeMs)), pauseMs: Spread(reports.map(\.pauseMs)),
                                 stateMs: Spread(reports.map(\.stateMs)), ramMs: Spread(reports.map(\.ramMs)),
                                 verifyMs: Spread(reports.map(\.verifyMs)), resumeMs: Spread(reports.map(\.resumeMs)),
-                                unaccountedMs: Spread(reports.map { $0.downtimeMs - ($0.pauseMs + $0.stateMs + $0.ramMs + $0.verifyMs + $0.resumeMs) }),
+                                unaccountedMs: Spread(reports.map(\.unaccountedMs)),
                                 firstDowntimeMs: hogs == 0 ? first.downtimeMs : nil,
                                 memcpyMs: Spread(memcpyTimes), allVerified: reports.allSatisfy(\.verified) && first.verified))
             }

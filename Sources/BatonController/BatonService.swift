@@ -157,7 +157,7 @@ public final class BatonService: @unchecked Sendable {
         do {
             let report = try UpgradeController(options: options).run()
             BatonMetrics.ended(hypervisor: "batonvmm", outcome: report.rolledForward ? .rolledForward : .succeeded, mode: report.transport, downtimeMs: report.downtimeMs,
-                               phasesMs: [("pause", report.pauseMs), ("state", report.stateMs), ("ram", report.ramMs), ("verify", report.verifyMs), ("resume", report.resumeMs)],
+                               phasesMs: report.phasesMs,
                                bytes: Int64(report.ramBytes))
             lock.lock(); completed += 1; lock.unlock()
             logUpgrade(report, outcome: report.rolledForward ? "rolledForward" : "upgraded", reason: report.error)

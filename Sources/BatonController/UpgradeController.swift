@@ -32,6 +32,14 @@ public struct UpgradeReport: Codable, Sendable {
     /// A journal write that failed after the point of no return (the upgrade went on).
     public var journalError: String?
 
+    /// The downtime's named phases, in order (the service exports each; `baton bench` prints them).
+    public var phasesMs: [(String, Double)] {
+        [("pause", pauseMs), ("state", stateMs), ("ram", ramMs), ("verify", verifyMs), ("resume", resumeMs)]
+    }
+
+    /// The downtime that none of `phasesMs` covers.
+    public var unaccountedMs: Double { downtimeMs - phasesMs.reduce(0) { $0 + $1.1 } }
+
     /// The stable one-line summary.
     public var line: String {
         if rolledBack { return "baton: upgrade of \(vm) ROLLED BACK (old pid \(oldPid) kept the guest): \(error ?? "")" }

@@ -35,7 +35,7 @@ public final class PauseBoost {
             let nice = getpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(pid))
             if errno != 0 { continue }
             before.append((pid, nice))
-            for tid in Self.threads(of: pid) {
+            for tid in ProcessHandles.threadIDs(of: pid) {
                 if setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid), Self.niceDuringPause) != 0 {
                     if errno == EPERM || errno == EACCES { restore(); return false }
                 } else {
@@ -49,22 +49,11 @@ public final class PauseBoost {
     /// Every thread of the processes back to its process's nice value from before; idempotent.
     public func restore() {
         for (pid, nice) in before {
-            for tid in Self.threads(of: pid) { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid), nice) }
+            for tid in ProcessHandles.threadIDs(of: pid) { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid), nice) }
         }
         for (tid, nice) in threadsBefore { _ = setpriority(__priority_which_t(PRIO_PROCESS.rawValue), id_t(tid), nice) }
         before = []
         threadsBefore = []
         raised = false
-    }
-
-    static func threads(of pid: pid_t) -> [pid_t] {
-        guard let dir = opendir("/proc/\(pid)/task") else { return [] }
-        defer { closedir(dir) }
-        var tids: [pid_t] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            if let tid = pid_t(name) { tids.append(tid) }
-        }
-        return tids
     }
 }

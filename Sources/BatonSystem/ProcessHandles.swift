@@ -35,14 +35,16 @@ public enum ProcessHandles {
         return parts
     }
 
+    /// Thread ids of `pid`, ascending (none if it is gone).
+    public static func threadIDs(of pid: pid_t) -> [pid_t] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []).compactMap { pid_t($0) }.sorted()
+    }
+
     /// Thread ids of `pid` with their names (`comm`).
     public static func threads(of pid: pid_t) -> [(tid: pid_t, name: String)] {
-        let dir = "/proc/\(pid)/task"
-        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).compactMap { name in
-            guard let tid = pid_t(name) else { return nil }
-            let comm = Host.readSmallFile("\(dir)/\(name)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
-            return (tid, comm)
-        }.sorted { $0.tid < $1.tid }
+        threadIDs(of: pid).map { tid in
+            (tid, Host.readSmallFile("/proc/\(pid)/task/\(tid)/comm")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
+        }
     }
 
     /// Joins the mount namespace of `pid`. The caller must be single-threaded (setns(2)).
