@@ -44,13 +44,18 @@ struct BenchCommand: ParsableCommand {
             var options = HandoffOptions()
             options.lanes = lanes
             if let pipeSize { options.pipeCapacity = try parseSize(pipeSize, option: "--pipe-size") }
-            let bench = TransferBenchmark(
+            var bench = TransferBenchmark(
                 sizes: try size.split(separator: ",").map { try parseSize(String($0), option: "--size") },
                 runs: runs,
                 transports: transports.split(separator: ",").compactMap { TransferBenchmark.Variant(parsing: String($0)) },
-                options: options,
-                progress: { line in if !json { FileHandle.standardError.write(Data((line + "\n").utf8)) } })
-            let report = try bench.run()
+                options: options)
+            // On a terminal: which run, and its bytes and rate as they move.
+            let line = ProgressLine(json: json), current = CurrentRun()
+            bench.progress = { run, moved, total in current.begin("bench: \(run)", moved: moved, of: total) }
+            line.tick { current.describe() }
+            let report: BenchReport
+            do { report = try bench.run() } catch { line.finish(); throw error }
+            line.finish()
             if json { printJSON(report); return }
             func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s + " " : s + String(repeating: " ", count: n - s.count) }
             print(pad("transport", 10) + pad("size", 8) + pad("median s", 10) + pad("min s", 10) + pad("max s", 10)

@@ -62,7 +62,7 @@ struct DemoCommand: ParsableCommand {
         print("\n== raw two-process handoffs of \(ByteSize(bytes)) (transfer engine)")
         let bench = TransferBenchmark(sizes: [bytes], runs: 1,
                                       transports: [.init(.gift), .init(.gift, releaseSource: true), .init(.memfd), .init(.copy)],
-                                      options: HandoffOptions(), progress: { _ in })
+                                      options: HandoffOptions())
         for r in try bench.run().results where r.transport != "memcpy" {
             let name = r.transport.padding(toLength: 13, withPad: " ", startingAt: 0)
             print(name + String(format: "%7.1f ms  %6.2f GiB/s  ", r.seconds.median * 1000, r.gibPerSecond)

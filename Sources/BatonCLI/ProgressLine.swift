@@ -1,5 +1,7 @@
+import BatonController
 import BatonCore
 import BatonSystem
+import BatonTransfer
 import Foundation
 import Glibc
 
@@ -76,5 +78,75 @@ final class RateMeter: @unchecked Sendable {
         lock.unlock()
         let rate = seconds > 0.05 ? String(format: ", %.2f GiB/s", Double(bytes) / seconds / Double(1 << 30)) : ""
         return "\(verb) \(ByteSize(bytes))\(of)\(rate)"
+    }
+}
+
+/// The run a benchmark is on, for its progress line: "bench: gift run 2/5: moved 512MiB of 1GiB,
+/// 9.80 GiB/s".
+final class CurrentRun: @unchecked Sendable {
+    private let lock = NSLock()
+    private var label = "bench: starting"
+    private var moved: TransferProgress?
+    private var total = 0
+    private var rate = RateMeter()
+
+    func begin(_ label: String, moved: TransferProgress, of total: Int) {
+        lock.lock(); defer { lock.unlock() }
+        (self.label, self.moved, self.total, rate) = (label, moved, total, RateMeter())
+    }
+
+    func describe() -> String {
+        lock.lock(); defer { lock.unlock() }
+        guard let moved else { return label }
+        return "\(label): " + rate.describe(bytes: moved.bytesMoved, of: total, verb: "moved")
+    }
+}
+
+/// One upgrade's progress line, from the phases its journal records: "upgrade of web1: paused,
+/// moving the guest (2.1 s)".
+final class UpgradeProgress: @unchecked Sendable {
+    let line: ProgressLine
+    private let lock = NSLock()
+    private var phase: UpgradeJournal.Phase?
+    private let startedAt = Host.monotonicNanoseconds()
+
+    init(_ what: String, json: Bool) {
+        line = ProgressLine(json: json)
+        line.tick { [self] in
+            lock.lock()
+            let phase = self.phase
+            lock.unlock()
+            let seconds = Double(Host.monotonicNanoseconds() - startedAt) / 1e9
+            return "upgrade of \(what): \(phase.map(Self.describe) ?? "preflight") (\(String(format: "%.1f", seconds)) s)"
+        }
+    }
+
+    /// Runs the upgrade and clears the line however it ends, before its report is printed.
+    func finishing<T>(_ upgrade: () throws -> T) rethrows -> T {
+        defer { line.finish() }
+        return try upgrade()
+    }
+
+    /// `UpgradeOptions.onPhase`: stores the phase only (it is called inside the pause).
+    func record(_ phase: UpgradeJournal.Phase) {
+        lock.lock()
+        self.phase = phase
+        lock.unlock()
+    }
+
+    static func describe(_ phase: UpgradeJournal.Phase) -> String {
+        switch phase {
+        case .started: "starting the new instance"
+        case .newInstanceReady: "new instance ready"
+        case .prepared: "prepared, pausing"
+        case .paused: "paused, moving the guest"
+        case .transferred: "moved, verifying"
+        case .committing: "committing"
+        case .committed: "committed, resuming in the new instance"
+        case .resumed: "guest runs in the new instance, finishing"
+        case .adopted: "adopted by its manager"
+        case .rolledBack: "rolled back"
+        case .done: "done"
+        }
     }
 }

@@ -62,7 +62,8 @@ public struct TransferBenchmark {
 
     public var transports: [Variant]
     public var options: HandoffOptions
-    public var progress: (String) -> Void
+    /// Told as each run starts: what it is, and the counter of the bytes it moves.
+    public var progress: (_ run: String, _ moved: TransferProgress, _ of: Int) -> Void = { _, _, _ in }
 
     public func run() throws -> BenchReport {
         var results: [BenchResult] = []
@@ -121,7 +122,8 @@ public struct TransferBenchmark {
         var verified = true
         var last: TransferReport?
         for run in 0..<runs {
-            progress("bench: \(variant) \(ByteSize(size)) run \(run + 1)/\(runs)")
+            let moved = TransferProgress()
+            progress("\(variant) run \(run + 1)/\(runs)", moved, size)
             let socket = "\(dir)/agent-\(run).sock"
             let receiver = try BatonProcess(["agent", "receive", "--socket", socket, "--seed", "\(seed)"])
             guard BatonProcess.waitForPath(socket) else {
@@ -130,6 +132,7 @@ public struct TransferBenchmark {
             }
             var options = self.options
             options.transport = transport
+            options.progress = moved
             options.releaseSource = variant.releaseSource
             if variant.releaseSource && run > 0 { TestPattern.fill(mapping.base, count: size, seed: seed) }  // the last run freed it
             Host.resetPeakRSS()

@@ -73,7 +73,7 @@ struct UpgradeBench: ParsableCommand {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let next = dir + "/batonvmm-next"
         try Executable.copy(from: vmm, to: next)
-        let memcpyTimes = try TransferBenchmark(sizes: [bytes], runs: runs, transports: [], options: .init(), progress: { _ in })
+        let memcpyTimes = try TransferBenchmark(sizes: [bytes], runs: runs, transports: [], options: .init())
             .measureMemcpy(size: bytes).map { $0 * 1000 }
         var rows: [Row] = []
         for transport in transports.split(separator: ",").map(String.init) {

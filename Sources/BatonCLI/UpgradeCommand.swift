@@ -180,9 +180,11 @@ struct UpgradeCommand: ParsableCommand {
         options.journalPath = journal
         options.runDirectory = runDirectory
         options.fault = try controllerFault()
-        if !json { options.onNotice = { FileHandle.standardError.write(Data("baton: notice: \($0)\n".utf8)) } }
+        let progress = UpgradeProgress(domain ?? vm, json: json)
+        options.onPhase = { progress.record($0) }
+        if !json { options.onNotice = { progress.line.note("baton: notice: \($0)") } }
         do {
-            let report = try UpgradeController(options: options).run()
+            let report = try progress.finishing { try UpgradeController(options: options).run() }
             record.generation += 1
             record.state = "committed"
             record.oldPid = report.oldPid
@@ -242,9 +244,12 @@ extension UpgradeCommand {
 
     func upgradeQEMU(domain: String) throws {
         if let service { return try upgradeQEMUThroughService(service, domain: domain) }
-        let upgrade = QEMUUpgrade(options: try qemuOptions(domain: domain, newEmulator: try newEmulator(for: domain)))
+        var options = try qemuOptions(domain: domain, newEmulator: try newEmulator(for: domain))
+        let progress = UpgradeProgress(domain, json: json)
+        options.onPhase = { progress.record($0) }
+        let upgrade = QEMUUpgrade(options: options)
         do {
-            let report = try upgrade.run()
+            let report = try progress.finishing { try upgrade.run() }
             recordHandoff(report)
             if json { printJSON(report) } else { print(report.line) }
         } catch let error as QEMUUpgradeError {

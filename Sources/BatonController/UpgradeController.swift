@@ -66,6 +66,9 @@ public struct UpgradeOptions: Sendable {
     public var newInstanceEnvironment: [String: String] = [:]
     /// A controller-side fault point (the harness's fault matrix).
     public var fault: ControllerFault?
+    /// Told each phase as it is journaled (a progress line). Called inside the pause too: it
+    /// must only store what it is given.
+    public var onPhase: (@Sendable (UpgradeJournal.Phase) -> Void)?
     /// Who pauses and resumes the guest: the VMM's own socket (default) or libvirt. The
     /// sequence does not know which.
     public var control: (any HypervisorControl)?
@@ -223,6 +226,7 @@ public final class UpgradeController {
         } catch where !beforeNoReturn {
             report.journalError = "journal \(journal?.path ?? ""): \(phase.rawValue) not recorded: \(error)"
         }
+        options.onPhase?(phase)
         try options.fault?.fire(at: phase, newPid: report.newPid, oldPid: report.oldPid, journalPath: journal?.path ?? "")
     }
 

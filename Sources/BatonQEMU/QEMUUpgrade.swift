@@ -91,6 +91,9 @@ public struct QEMUUpgradeOptions: Sendable {
     /// A controller fault point (tests and the harness): kill-new-after / kill-old-after /
     /// crash-controller-after a journaled phase.
     public var fault: ControllerFault?
+    /// Told each phase as it is journaled (a progress line). Called inside the pause too: it
+    /// must only store what it is given.
+    public var onPhase: (@Sendable (UpgradeJournal.Phase) -> Void)?
 
     public init(domain: String, newEmulator: String) {
         self.domain = domain
@@ -265,6 +268,7 @@ public final class QEMUUpgrade: @unchecked Sendable {
                                      newPid: report.newPid == 0 ? nil : report.newPid, note: note, context: inPause ? nil : self.record.json), durable: durable)
         }
         try record(note, durable: durable)
+        options.onPhase?(phase)
         if let fault = options.fault {
             let libvirtd = self.record.libvirtd.pid ?? 0
             if fault.phase == phase, fault.action != .crash, fault.action != .sigkillController {

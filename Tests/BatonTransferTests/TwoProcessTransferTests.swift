@@ -118,4 +118,20 @@ struct TwoProcessTransferTests {
         // The line is cleared before the report, so the JSON starts on a clean line.
         #expect(onTerminal.output.contains("\r\u{1B}[K{\"bytes\":536870912"), "\(onTerminal.output.suffix(300))")
     }
+
+    @Test("bench transfer shows its run and bytes moved on a terminal only; through a pipe stderr stays empty")
+    func benchProgressOnTerminalOnly() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/script") else {
+            print("skipped: /usr/bin/script (util-linux) is missing, no pty to test on"); return
+        }
+        let arguments = ["bench", "transfer", "--size", "256MiB", "--runs", "2", "--transports", "copy", "--lanes", "1"]
+        let piped = try BatonProcess(arguments).finish()
+        #expect(piped.status == 0, "\(piped.stderr)")
+        #expect(piped.stderr.isEmpty, "progress went to a pipe: \(piped.stderr)")
+        #expect(piped.stdout.contains("copy      256MiB"), "\(piped.stdout)")
+        let onTerminal = try Spawn.run("/usr/bin/script", ["-qec", ([BatonProcess.executablePath] + arguments).joined(separator: " "), "/dev/null"])
+        #expect(onTerminal.status == 0, "\(onTerminal.output)")
+        #expect(onTerminal.output.contains("\r\u{1B}[Kbench: copy run 1/2"), "\(onTerminal.output.prefix(400))")
+        #expect(onTerminal.output.contains(" of 256MiB"), "\(onTerminal.output.prefix(400))")
+    }
 }

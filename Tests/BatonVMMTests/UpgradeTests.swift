@@ -56,6 +56,26 @@ struct UpgradeTests {
         }
     }
 
+    @Test("a single upgrade shows its phase on a terminal (`script` gives it a pty), cleared before the report; through a pipe stderr stays free of it")
+    func progressOnTerminalOnly() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/script") else {
+            print("skipped: /usr/bin/script (util-linux) is missing, no pty to test on"); return
+        }
+        let vmm = try RunningVMM(simulated: true)
+        defer { vmm.stop() }
+        let next = try newBinary(in: vmm.directory)
+        let piped = try BatonProcess(["upgrade", "--vm", vmm.socket, "--binary", next, "--transport", "memfd", "--run-directory", vmm.directory + "/run1"]).finish()
+        #expect(piped.status == 0, "\(piped.stderr)")
+        #expect(!piped.stderr.contains("\u{1B}[K"), "progress went to a pipe: \(piped.stderr)")
+        // A 2 s stall after `prepared` holds the phase long enough for the 5-per-second redraw.
+        let command = ["BATON_CONTROLLER_FAULT=stall-after:prepared", BatonProcess.executablePath, "upgrade", "--vm", vmm.socket, "--binary", next,
+                       "--transport", "memfd", "--run-directory", vmm.directory + "/run2"].joined(separator: " ")
+        let onTerminal = try Spawn.run("/usr/bin/env", ["/usr/bin/script", "-qec", command, "/dev/null"])
+        #expect(onTerminal.status == 0, "\(onTerminal.output)")
+        #expect(onTerminal.output.contains("\r\u{1B}[Kupgrade of \(vmm.socket): prepared, pausing ("), "\(onTerminal.output.prefix(400))")
+        #expect(onTerminal.output.contains("\r\u{1B}[Kbaton: upgraded \(vmm.socket)"), "\(onTerminal.output.suffix(400))")
+    }
+
     @Test("two upgrades of one VM at once, named two ways (path and symlink): one runs, the other is refused at once with the holder; the guest ends on one instance")
     func oneUpgradePerVM() throws {
         let vmm = try RunningVMM(simulated: true)
