@@ -29,10 +29,7 @@ let package = Package(
         // Moving pages: pipes, vmsplice, memfd, process_vm_readv, integrity, move detection.
         .target(name: "BatonTransfer", dependencies: ["BatonSystem", "BatonCore", "CBatonLinux"]),
         // The old-instance and new-instance agents speaking Baton's protocol.
-        .target(name: "BatonAgent", dependencies: [
-            "BatonSystem", "BatonCore", "BatonTransfer",
-            .product(name: "Logging", package: "swift-log"),
-        ]),
+        .target(name: "BatonAgent", dependencies: ["BatonSystem", "BatonCore", "BatonTransfer"]),
         // <linux/kvm.h> request numbers as constants, flexible-array accessors.
         .target(name: "CBatonKVM"),
         // The reference hypervisor: KVM or simulated vCPUs, the reference guest and its model,
@@ -67,6 +64,7 @@ let package = Package(
         .executableTarget(name: "batonvmm", dependencies: [
             "BatonVMM", "BatonCore", "BatonSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
         .testTarget(name: "BatonControllerTests", dependencies: ["BatonController"]),

@@ -3,6 +3,7 @@ import BatonConfiguration
 import BatonController
 import BatonSystem
 import Foundation
+import Logging
 import Glibc
 
 /// `baton hook qemu <domain> <op> <sub-op> <extra>` — what /etc/libvirt/hooks/qemu runs.
@@ -19,6 +20,9 @@ struct HookCommand: ParsableCommand {
 
     func run() throws {
         let started = Host.monotonicNanoseconds()
+        // Its lines go to stderr, which libvirtd logs with the hook's exit status.
+        LoggingSystem.bootstrap { StreamLogHandler.standardError(label: $0) }
+        let log = Logger(label: "baton.hook")
         // libvirt passes no options: the environment, else the configuration file (BATON_CONFIG
         // or /etc/baton/baton.toml), else the defaults. A refused file is logged, never fatal:
         // the hook must not stop a domain from starting.
@@ -36,27 +40,27 @@ struct HookCommand: ParsableCommand {
             xml.append(chunk)
         }
         if xml.count > HookCommand.maximumXMLBytes {
-            FileHandle.standardError.write(Data("baton: hook: domain XML on stdin is larger than \(HookCommand.maximumXMLBytes >> 10) KiB (a domain's is a few KiB); ignored\n".utf8))
+            log.error("domain XML on stdin is larger than \(HookCommand.maximumXMLBytes >> 10) KiB (a domain's is a few KiB); ignored")
             throw ExitCode(3)
         }
         // Foundation's XML parser slows down badly on elements with tens of thousands of
         // attributes; a real domain has a few thousand at most.
         let equalsSigns = xml.reduce(0) { $0 + ($1 == UInt8(ascii: "=") ? 1 : 0) }
         if equalsSigns > HookCommand.maximumAttributes {
-            FileHandle.standardError.write(Data("baton: hook: domain XML on stdin has \(equalsSigns) '=' (more than \(HookCommand.maximumAttributes) attributes; a domain has a few thousand); ignored\n".utf8))
+            log.error("domain XML on stdin has \(equalsSigns) '=' (more than \(HookCommand.maximumAttributes) attributes; a domain has a few thousand); ignored")
             throw ExitCode(3)
         }
         let request: HookRequest
         do {
             request = try HookRequest.parse(arguments: arguments, xml: xml)
         } catch {
-            FileHandle.standardError.write(Data("baton: \(error.description)\n".utf8))
+            log.error("\(error.description)")
             throw ExitCode(error.exitCode)
         }
         var outcome = "ignored (domain did not opt in)"
         if !request.isKnownOperation {
             // A newer libvirt: never block what we do not understand.
-            FileHandle.standardError.write(Data("baton: hook: ignoring operation '\(request.operation)' unknown to this Baton\n".utf8))
+            log.warning("ignoring operation '\(request.operation)' unknown to this Baton")
             outcome = "ignored (unknown operation)"
         } else if request.wantsService {
             outcome = forward(request, to: serveSocket, stateDirectory: stateDirectory, budget: budget)
@@ -64,7 +68,7 @@ struct HookCommand: ParsableCommand {
             // Baton leaves guest RAM in place only when it is shared memory; say so while the
             // operator can still act (this start), not at upgrade time.
             outcome = "WARNING: \(request.domain) starts with private guest RAM: Baton cannot upgrade its QEMU in place (run `baton enroll \(request.domain)` and cold-boot it)"
-            FileHandle.standardError.write(Data("baton: \(outcome)\n".utf8))
+            log.warning("\(outcome)")
         } else if request.optedIn {
             outcome = "validated (no action for \(request.operation))"
         }

@@ -183,6 +183,10 @@ public enum HostCheck {
            let m = out.output.firstMatch(of: #/(\d+\.\d+\.\d+)/#) {
             r.libvirtdVersion = String(m.1)
             r.items.append(CheckItem(name: "libvirtd", ok: true, detail: "libvirtd \(m.1)", fix: nil))
+        } else {
+            // Optional for batonvmm alone; needed for QEMU domains and the ch driver.
+            r.items.append(CheckItem(name: "libvirtd", ok: false, detail: "/usr/sbin/libvirtd is not installed (or does not answer --version)",
+                                     fix: "apt-get install -y libvirt-daemon libvirt-daemon-driver-qemu, then Scripts/libvirt-up.sh (Docs/OPERATIONS.md)"))
         }
     }
 

@@ -64,6 +64,7 @@ struct ServeCommand: ParsableCommand {
             return handler
         }
         let log = Logger(label: "baton.serve")
+        let manager = SystemdNotify.takeFromEnvironment()  // before any process is spawned
         do {
             // The socket's directory may be a shared one (/tmp): used as it is, never changed.
             try PrivateDirectory.make((socket as NSString).deletingLastPathComponent, requireOwnership: false)
@@ -101,6 +102,10 @@ struct ServeCommand: ParsableCommand {
                 throw fail("--metrics-listen \(address): \(error)", .usage)
             }
         }
+        if let metricsAddress, !(metricsAddress.hasPrefix("127.") || metricsAddress.hasPrefix("[::1]:")) {
+            // Allowed (a Prometheus on another host), but worth a line: the counters name the host's VMs.
+            log.warning("metrics served beyond loopback", metadata: ["address": "\(metricsAddress)"])
+        }
         if policy != .manual { upgrader.value = ServeCommand.autoUpgrader(policy: policy, uri: uri, file: file, service: service, log: log) }
         // Hook events queued while the service was down.
         let queue = state + "/hook-queue.jsonl"
@@ -112,9 +117,12 @@ struct ServeCommand: ParsableCommand {
         log.info("listening", metadata: ["pid": "\(getpid())", "socket": "\(socket)", "state": "\(state)", "policy": "\(policy.rawValue)", "libvirt": "\(uri)",
                                          "metrics": "\(metricsAddress.map { "http://\($0)/metrics" } ?? "none")"])
         if let metricsAddress { try? metricsAddress.write(toFile: state + "/metrics.address", atomically: true, encoding: .utf8) }
+        // Ready: recovered, listening, metrics served (systemd's Type=notify starts dependents now).
+        manager?.send("READY=1\nMAINPID=\(getpid())\nSTATUS=listening on \(socket)")
 
         // Shut down in reverse order: requests and the policy drain first, the reaper goes last.
-        let requests = RequestService(listener: listener, service: service, upgrader: upgrader.value, drainSeconds: drainSeconds, log: log)
+        let requests = RequestService(listener: listener, service: service, upgrader: upgrader.value, drainSeconds: drainSeconds, log: log,
+                                      manager: manager)
         let group = ServiceGroup(configuration: .init(
             services: [.init(service: ChildReaperService(log: log)),
                        .init(service: requests, successTerminationBehavior: .gracefullyShutdownGroup, failureTerminationBehavior: .gracefullyShutdownGroup)],
@@ -160,6 +168,8 @@ struct ServeCommand: ParsableCommand {
             case .incomplete: .rolledForward
             case .skipped: .refused
             }
+            // A batch reports each domain once it ended: a skipped one never started.
+            if o.status != .skipped { BatonMetrics.started(hypervisor: "qemu") }
             service.count(mode: r?.mode ?? "none", outcome: outcome, pauseMs: r?.pauseMs ?? 0,
                           phasesMs: r.map { $0.breakdown.phases } ?? [],
                           bytes: r?.ramBytesMoved ?? 0)
@@ -206,6 +216,12 @@ struct ServeCommand: ParsableCommand {
                                            "reason": "\(e)"])
             return ["ok": false, "error": "\(e)", "errorKind": e.kind, "report": encoded(r)]
         } catch {
+            // Not a QEMUUpgradeError (a crash fault stopped it dead): counted and logged as failed;
+            // its journal says where it stopped, and the next start's sweep finishes it.
+            let r = upgrade.report
+            service.count(mode: r.mode.isEmpty ? "none" : r.mode, outcome: .failed, pauseMs: r.pauseMs, phasesMs: [], bytes: 0)
+            log.error("upgrade", metadata: ["domain": "\(domain)", "outcome": "failed", "mode": "\(r.mode)", "oldPid": "\(r.oldPid)", "newPid": "\(r.newPid)",
+                                            "reason": "\(error)"])
             return ["ok": false, "error": "\(error)"]
         }
     }

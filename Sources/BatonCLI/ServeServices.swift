@@ -16,6 +16,8 @@ struct RequestService: Service {
     let upgrader: QEMUAutoUpgrader?
     let drainSeconds: Double
     let log: Logger
+    /// systemd (Type=notify), told of the drain and how long it may take.
+    let manager: SystemdNotify?
 
     struct DrainTimedOut: Error, CustomStringConvertible {
         let seconds: Double
@@ -39,6 +41,9 @@ struct RequestService: Service {
         upgrader?.start()
         try? await gracefulShutdown()
         log.notice("draining", metadata: ["seconds": "\(drainSeconds)"])
+        // The drain may outlast the unit's TimeoutStopSec: extend it to drain_seconds (+ 10 s to
+        // remove the socket and exit), so systemd never SIGKILLs a service inside a pause.
+        manager?.send("STOPPING=1\nEXTEND_TIMEOUT_USEC=\(UInt64((drainSeconds + 10) * 1e6))\nSTATUS=draining up to \(drainSeconds) s")
         let deadline = Date().addingTimeInterval(drainSeconds)
         listener.remove()
         Glibc.shutdown(listener.fd.raw, Int32(SHUT_RDWR))

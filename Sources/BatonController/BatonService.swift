@@ -72,9 +72,9 @@ public final class BatonService: @unchecked Sendable {
 
     public func end(_ key: String) { lock.lock(); inFlight[key] = nil; BatonMetrics.inFlight(inFlight.count); lock.unlock() }
 
-    /// Counts one finished QEMU handoff (status counts and metrics).
+    /// Counts one finished QEMU handoff (status counts and metrics; its start was counted when
+    /// it started).
     public func count(mode: String, outcome: BatonMetrics.Outcome, pauseMs: Double, phasesMs: [(String, Double)], bytes: Int64) {
-        BatonMetrics.started(hypervisor: "qemu")
         BatonMetrics.ended(hypervisor: "qemu", outcome: outcome, mode: mode, downtimeMs: pauseMs, phasesMs: phasesMs, bytes: bytes)
         lock.lock(); defer { lock.unlock() }
         switch outcome {
@@ -191,6 +191,7 @@ public final class BatonService: @unchecked Sendable {
         let key = "qemu:" + domain
         guard begin(key) else { return ["ok": false, "refused": "an upgrade of \(domain) is already running; one at a time per domain"] }
         defer { end(key) }
+        BatonMetrics.started(hypervisor: "qemu")
         return handler(request)
     }
 

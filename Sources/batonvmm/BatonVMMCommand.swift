@@ -4,6 +4,7 @@ import BatonSystem
 import BatonVMM
 import Foundation
 import Glibc
+import Logging
 
 /// `batonvmm`: the reference hypervisor. Thin: parses arguments, builds the service, runs.
 struct BatonVMMCommand: ParsableCommand {
@@ -61,6 +62,12 @@ struct BatonVMMCommand: ParsableCommand {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.metadata = ["pid": "\(getpid())"]  // the process keeps its pid across an exec in place
+            return handler
+        }
+        let log = Logger(label: "batonvmm")
         let service = VMMService()
         let apiPath = control ?? apiSocket.flatMap { $0.hasPrefix("path=") ? String($0.dropFirst(5)) : nil }
         let listenerFD: FileDescriptor
@@ -85,14 +92,14 @@ struct BatonVMMCommand: ParsableCommand {
             let vm = try VirtualMachine.resumeAfterExec(ramFD: parts["ram"] ?? -1, stateFD: parts["state"] ?? -1)
             vm.lastPauseNanoseconds = pausedAt
             service.adopt(vm)
-            FileHandle.standardError.write(Data("batonvmm \(getpid()): exec'd in place (generation \(execGeneration)), VM restored paused\n".utf8))
+            log.notice("exec'd in place (generation \(execGeneration)), VM restored paused")
         }
         if let ram {
             let config = VMConfig(ramBytes: ByteSize(parsing: ram)!.bytes, vcpus: vcpus, shared: memory == "shared", simulated: simulated)
             let vm = try VirtualMachine.create(config)
             try vm.boot()
             service.adopt(vm)
-            FileHandle.standardError.write(Data("batonvmm \(getpid()): VM running, \(ByteSize(config.ramBytes)) RAM, \(vcpus) vCPU(s), \(vm.backendName) backend\n".utf8))
+            log.notice("VM running, \(ByteSize(config.ramBytes)) RAM, \(vcpus) vCPU(s), \(vm.backendName) backend")
         }
         service.incoming = incoming != nil
         HTTPServer(listener: listenerFD, handler: service.handle).start()
@@ -107,24 +114,24 @@ struct BatonVMMCommand: ParsableCommand {
                 case .running(let vm):
                     service.adopt(vm)
                     service.takeOverSocketPath()
-                    FileHandle.standardError.write(Data("batonvmm \(getpid()): took over the guest (\(vm.backendName))\n".utf8))
+                    log.notice("took over the guest (\(vm.backendName))")
                 case let .orphaned(orphan, reason):
                     // Wait for the controller to confirm the old instance's death and say adopt.
                     service.orphan = orphan
-                    FileHandle.standardError.write(Data("batonvmm \(getpid()): the old instance died (\(reason)); holding the guest for adoption\n".utf8))
+                    log.notice("the old instance died (\(reason)); holding the guest for adoption")
                     var waited = 0
                     while service.orphan != nil && service.vm == nil && waited < 600 {
                         usleep(100_000)
                         waited += 1
                     }
                     guard service.vm != nil else {
-                        FileHandle.standardError.write(Data("batonvmm \(getpid()): nobody adopted the guest within 60 s\n".utf8))
+                        log.error("nobody adopted the guest within 60 s")
                         throw ExitCode(3)
                     }
-                    FileHandle.standardError.write(Data("batonvmm \(getpid()): adopted the guest\n".utf8))
+                    log.notice("adopted the guest")
                 }
             } catch {
-                FileHandle.standardError.write(Data("batonvmm \(getpid()): handoff failed: \(error)\n".utf8))
+                log.error("handoff failed: \(error)")
                 listener?.remove()
                 throw ExitCode(3)
             }

@@ -83,6 +83,31 @@ struct HookTests {
     }
 }
 
+@Suite("baton config check")
+struct ConfigCheckTests {
+    @Test("prints the effective configuration: values from --config or $BATON_CONFIG, defaults for the rest; a bad key is refused with exit 78, file, line and key")
+    func effectiveConfiguration() throws {
+        let dir = try BatonProcess.makeRunDirectory("config-check")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/baton.toml"
+        try "[service]\ndrain_seconds = 7\n\n[upgrade]\ntransport = \"copy\"\n".write(toFile: file, atomically: true, encoding: .utf8)
+        let byFlag = try BatonProcess(["config", "check", "--config", file]).finish()
+        #expect(byFlag.status == 0, "\(byFlag.stderr)")
+        let lines = byFlag.stdout.split(separator: "\n").map(String.init)
+        #expect(lines.first == "# effective configuration (from \(file); flags override it)", "\(byFlag.stdout)")
+        for line in ["drain_seconds = 7", "transport = \"copy\"", "socket = \"/run/baton/serve.sock\"", "stall_timeout_seconds = 10"] {
+            #expect(lines.contains(line), "missing '\(line)' in \(byFlag.stdout)")
+        }
+        let byEnvironment = try BatonProcess(["config", "check"], environment: ["BATON_CONFIG": file]).finish()
+        #expect(byEnvironment.status == 0 && byEnvironment.stdout == byFlag.stdout, "\(byEnvironment.stdout) \(byEnvironment.stderr)")
+        try "[upgrade]\ntransport = \"copy\"\nlanes = 4\n".write(toFile: file, atomically: true, encoding: .utf8)
+        let refused = try BatonProcess(["config", "check", "--config", file]).finish()
+        #expect(refused.status == 78, "\(refused.stderr)")
+        #expect(refused.stderr.contains("\(file):3") && refused.stderr.contains("lanes"), "\(refused.stderr)")
+        #expect(refused.stdout.isEmpty)
+    }
+}
+
 @Suite("baton serve")
 struct ServiceTests {
     static let promtool = ProcessInfo.processInfo.environment["BATON_PROMTOOL"] ?? "/opt/baton/bin/promtool"

@@ -28,6 +28,34 @@ struct ServiceUnderTest {
     }
 }
 
+/// The manager's end of systemd's notify socket: a datagram socket the service sends its
+/// `READY=1` and `STOPPING=1` to.
+final class NotifyListener {
+    let path: String
+    let fd: Int32
+
+    init(in dir: String) throws {
+        path = dir + "/notify.sock"
+        fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in path.utf8.enumerated() { raw[i] = b } }
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard fd >= 0, bound == 0 else { throw SyscallError("bind(\(path))", errno: errno) }
+        var timeout = timeval(tv_sec: 20, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// The next datagram (nil after 20 s of silence).
+    func next() -> String? {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let n = recv(fd, &buffer, buffer.count, 0)
+        return n > 0 ? String(decoding: buffer.prefix(n), as: UTF8.self) : nil
+    }
+
+    deinit { close(fd) }
+}
+
 @Suite("baton serve runs upgrades one per VM, different VMs concurrently")
 struct ServiceUpgradeTests {
     @Test("same VM twice at once: one runs, one is refused; two VMs at once: both complete")
@@ -123,12 +151,18 @@ struct ServiceUpgradeTests {
         #expect(gone, "pid \(newPid) is still in /proc (\(Host.readSmallFile("/proc/\(newPid)/stat") ?? "")): a zombie nobody reaped")
     }
 
-    @Test("SIGTERM while an upgrade holds its guest paused: the service stops accepting, lets the upgrade finish, then exits 0")
+    @Test("SIGTERM while an upgrade holds its guest paused: the service stops accepting, lets the upgrade finish, then exits 0; systemd hears READY=1, then STOPPING=1 with the drain's time")
     func drainsOnSIGTERM() throws {
         // The upgrade stalls 2 s with the guest paused, so the signal lands inside the pause.
-        let service = try ServiceUnderTest("svc-drain", arguments: ["--drain-seconds", "30"], environment: ["BATON_CONTROLLER_FAULT": "stall-after:paused"])
+        let notifyDir = try BatonProcess.makeRunDirectory("svc-notify")
+        defer { try? FileManager.default.removeItem(atPath: notifyDir) }
+        let manager = try NotifyListener(in: notifyDir)
+        let service = try ServiceUnderTest("svc-drain", arguments: ["--drain-seconds", "30"],
+                                           environment: ["BATON_CONTROLLER_FAULT": "stall-after:paused", "NOTIFY_SOCKET": manager.path])
         defer { service.stop(SIGKILL) }
         let (socket, serve) = (service.socket, service.serve)
+        let ready = manager.next() ?? ""
+        #expect(ready.hasPrefix("READY=1\nMAINPID=\(serve.pid)\n") && ready.contains("STATUS=listening on \(socket)"), "\(ready)")
         let vm = try RunningVMM(ram: "64MiB", simulated: true)
         defer { vm.stop() }
         let next = try service.nextBatonvmm()
@@ -140,6 +174,8 @@ struct ServiceUpgradeTests {
         }
         #expect(paused, "the upgrade never paused the guest")
         serve.kill(SIGTERM)
+        let stopping = manager.next() ?? ""
+        #expect(stopping.hasPrefix("STOPPING=1\nEXTEND_TIMEOUT_USEC=40000000\n"), "\(stopping)")
         usleep(300_000)
         #expect(!FileManager.default.fileExists(atPath: socket), "still accepting after SIGTERM")
         let done = upgrade.finish()
@@ -150,6 +186,9 @@ struct ServiceUpgradeTests {
         // One structured line per upgrade (swift-log).
         #expect(stopped.stderr.contains("outcome=upgraded") && stopped.stderr.contains("mode=memfd") && stopped.stderr.contains("newPid="), "\(stopped.stderr)")
         #expect(try vm.status().state == .running)
+        // The instance the service started cannot speak for it to systemd.
+        let environ = (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(try vm.status().pid)/environ"))).map { String(decoding: $0, as: UTF8.self) }
+        #expect(environ != nil && !environ!.contains("NOTIFY_SOCKET="), "the new instance inherited NOTIFY_SOCKET")
     }
 
     @Test("log_level in the file silences the info lines, --log-level overrides it; a bad file is refused at start with its key and line (exit 78)")
@@ -190,6 +229,38 @@ struct ServiceUpgradeTests {
         #expect(FileManager.default.fileExists(atPath: dir + "/run-cfg"), "run_directory from the file not used")
         let second = try BatonProcess(["upgrade", "--service", service.socket, "--vm", vm.socket, "--binary", try service.nextBatonvmm(), "--transport", "memfd"]).finish()
         #expect(second.status == 0 && second.stdout.contains("via memfd"), "\(second.stdout) \(second.stderr)")
+    }
+
+    @Test("after a successful upgrade, GET /metrics counts it (started, succeeded, downtime and phase histograms, bytes) in text promtool accepts")
+    func metricsAfterSuccess() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/curl") else { try Test.cancel("curl is not installed") }
+        let service = try ServiceUnderTest("svc-metrics", arguments: ["--metrics-listen", "127.0.0.1:0"])
+        defer { service.stop(SIGKILL) }
+        #expect(BatonProcess.waitForPath(service.dir + "/state/metrics.address"))
+        let address = try String(contentsOfFile: service.dir + "/state/metrics.address", encoding: .utf8)
+        let vm = try RunningVMM(ram: "64MiB", simulated: true)
+        defer { vm.stop() }
+        let upgrade = try BatonProcess(["upgrade", "--service", service.socket, "--vm", vm.socket, "--binary", try service.nextBatonvmm(), "--transport", "memfd"]).finish()
+        #expect(upgrade.status == 0, "\(upgrade.stdout) \(upgrade.stderr)")
+        let scrape = try Spawn.run("/usr/bin/curl", ["-sf", "http://\(address)/metrics"])
+        #expect(scrape.status == 0)
+        let text = scrape.output
+        for line in ["baton_upgrades_started_total{hypervisor=\"batonvmm\"} 1",
+                     "baton_upgrades_total{hypervisor=\"batonvmm\",outcome=\"succeeded\",mode=\"memfd\"} 1",
+                     "baton_downtime_seconds_count{hypervisor=\"batonvmm\"} 1",
+                     "baton_phase_seconds_count{hypervisor=\"batonvmm\",phase=\"ram\"} 1",
+                     "baton_bytes_moved_total{hypervisor=\"batonvmm\"} \(64 << 20)",
+                     "baton_upgrades_in_flight 0"] {
+            #expect(text.contains(line), "missing \(line) in: \(text)")
+        }
+        let promtool = ProcessInfo.processInfo.environment["BATON_PROMTOOL"] ?? "/opt/baton/bin/promtool"
+        if FileManager.default.isExecutableFile(atPath: promtool) {
+            try text.write(toFile: service.dir + "/metrics.txt", atomically: true, encoding: .utf8)
+            let lint = try Spawn.run("/bin/sh", ["-c", "\(promtool) check metrics < \(service.dir)/metrics.txt"])
+            #expect(lint.status == 0, "promtool check metrics: \(lint.output)")
+        } else {
+            Issue.record("promtool is missing at \(promtool) (Scripts/install-promtool.sh): the exposition format was not linted")
+        }
     }
 
     @Test("the old instance killed after the pause: the service's upgrade rolls forward, and it is counted and logged as rolled_forward, not succeeded")
