@@ -45,11 +45,12 @@ struct QEMUBench: ParsableCommand {
 
     struct ModeResult: Codable {
         var mode: String
-        var batonPauseMs: Spread
+        /// nil: only the raw side ran (`bench upgrade --compare-qemu` without libvirtd).
+        var batonPauseMs: Spread?
         var rawPauseMs: Spread
         /// Baton's median minus the raw median: what the checks and libvirt's process cost.
-        var overheadMs: Double
-        var managementGapMs: Spread
+        var overheadMs: Double?
+        var managementGapMs: Spread?
         /// Baton's pause, phase by phase (medians over the runs; each run's phases sum to its pause).
         var batonPhasesMs: [String: Double]
         var batonSamples: [Double]
@@ -67,9 +68,17 @@ struct QEMUBench: ParsableCommand {
     func progress(_ s: String) { if !json { FileHandle.standardError.write(Data("  \(s)\n".utf8)) } }
 
     func run() throws {
+        let results = try measure()
+        if json { printJSON(results); return }
+        printResults(results)
+    }
+
+    /// Every mode, Baton's side under libvirt (unless `rawOnly`) and the raw QMP side, run by run.
+    func measure(rawOnly: Bool = false) throws -> Results {
         let ramMiB = try parseSize(ram, option: "--ram") >> 20, fillMiB = try parseSize(fill, option: "--fill") >> 20
         let dir = UpgradeOptions.defaultRunDirectory + "/bench-qemu-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         var results: [ModeResult] = []
         for mode in modes.split(separator: ",").map(String.init) {
             var baton: [Double] = [], raw: [Double] = [], gaps: [Double] = [], phases: [String: [Double]] = [:]
@@ -77,6 +86,11 @@ struct QEMUBench: ParsableCommand {
             // Baton: a libvirt domain on the old QEMU (cpr: first moved to the new one, not counted).
             var domain: QEMUTestDomain?
             for i in 0..<runs {
+                if rawOnly {
+                    raw.append(try rawHandover(cpr: cpr, ramMiB: ramMiB, fillMiB: fillMiB, dir: dir))
+                    progress("\(mode) raw run \(i + 1): pause \(String(format: "%.2f", raw.last!)) ms")
+                    continue
+                }
                 if domain == nil || !cpr {
                     domain?.remove()
                     domain = try bootDomain(ramMiB: ramMiB, fillMiB: fillMiB, dir: dir)
@@ -93,7 +107,8 @@ struct QEMUBench: ParsableCommand {
             }
             domain?.remove()
             let b = Spread(baton), r = Spread(raw)
-            results.append(ModeResult(mode: mode, batonPauseMs: b, rawPauseMs: r, overheadMs: b.median - r.median, managementGapMs: Spread(gaps),
+            results.append(ModeResult(mode: mode, batonPauseMs: rawOnly ? nil : b, rawPauseMs: r, overheadMs: rawOnly ? nil : b.median - r.median,
+                                      managementGapMs: rawOnly ? nil : Spread(gaps),
                                       batonPhasesMs: phases.mapValues { Spread($0).median }, batonSamples: baton, rawSamples: raw))
         }
         var batchResult: BatchResult?
@@ -107,22 +122,35 @@ struct QEMUBench: ParsableCommand {
             let summary = try QEMUBatchUpgrade(targets: names.map { .init(domain: $0, newEmulator: new) }, template: template, parallel: batch).run()
             let pauses = summary.outcomes.compactMap { $0.status == .upgraded ? $0.report?.pauseMs : nil }
             guard pauses.count == batch else { throw ValidationError("batch: \(summary.outcomes.map { "\($0.domain) \($0.status.rawValue) \($0.reason ?? "")" })") }
-            let single = results.first { $0.mode == "ignore-shared" }?.batonPauseMs.median
+            let single = results.first { $0.mode == "ignore-shared" }?.batonPauseMs?.median
             batchResult = BatchResult(domains: batch, pauseMs: Spread(pauses), samples: pauses, singleMedianMs: single,
                                       worstToSingle: single.map { (pauses.max() ?? 0) / $0 }, managementGapMs: summary.managementGapMs, wallMs: summary.wallMs)
             progress("batch of \(batch): pauses \(pauses.map { String(format: "%.2f", $0) }.joined(separator: ", ")) ms")
         }
-        if json { printJSON(Results(modes: results, batch: batchResult)); return }
+        return Results(modes: results, batch: batchResult)
+    }
+
+    func printResults(_ results: Results) {
+        Self.printModes(results.modes)
+        printBatch(results)
+        print("(\(ram) guest with \(fill) of random data, TCG, \(runs) runs per side; pause = guest STOP in the old QEMU → RESUME in the new, from QEMU's event timestamps)")
+    }
+
+    static func printModes(_ modes: [ModeResult]) {
         print("mode           side   pause ms median (min–max)   libvirt gap ms median (min–max)")
-        for m in results {
-            print(String(format: "%-14@ baton  %7.2f (%.2f–%.2f)        %6.0f (%.0f–%.0f)", m.mode, m.batonPauseMs.median, m.batonPauseMs.min, m.batonPauseMs.max,
-                         m.managementGapMs.median, m.managementGapMs.min, m.managementGapMs.max))
-            let order = QEMUUpgradeReport.Breakdown().phases.map(\.0)
-            print(String(format: "%-14@ baton pause by phase (medians): ", m.mode) + order.map { String(format: "%@ %.2f", $0, m.batonPhasesMs[$0] ?? 0) }.joined(separator: ", "))
+        for m in modes {
+            if let b = m.batonPauseMs, let gap = m.managementGapMs {
+                print(String(format: "%-14@ baton  %7.2f (%.2f–%.2f)        %6.0f (%.0f–%.0f)", m.mode, b.median, b.min, b.max, gap.median, gap.min, gap.max))
+                let order = QEMUUpgradeReport.Breakdown().phases.map(\.0)
+                print(String(format: "%-14@ baton pause by phase (medians): ", m.mode) + order.map { String(format: "%@ %.2f", $0, m.batonPhasesMs[$0] ?? 0) }.joined(separator: ", "))
+            }
             print(String(format: "%-14@ raw    %7.2f (%.2f–%.2f)        -", m.mode, m.rawPauseMs.median, m.rawPauseMs.min, m.rawPauseMs.max))
-            print(String(format: "%-14@ Baton's overhead over raw QMP: %+.2f ms (median)", m.mode, m.overheadMs))
+            if let overhead = m.overheadMs { print(String(format: "%-14@ Baton's overhead over raw QMP: %+.2f ms (median)", m.mode, overhead)) }
         }
-        if let b = batchResult {
+    }
+
+    func printBatch(_ results: Results) {
+        if let b = results.batch {
             print(String(format: "batch of %d (--parallel %d): pause %.2f (%.2f–%.2f) ms; longest %@ the single upgrade's median; one libvirt gap %.0f ms; %.0f ms in all",
                          b.domains, b.domains, b.pauseMs.median, b.pauseMs.min, b.pauseMs.max,
                          b.worstToSingle.map { String(format: "%.2f×", $0) } ?? "(no single run to compare)", b.managementGapMs, b.wallMs))

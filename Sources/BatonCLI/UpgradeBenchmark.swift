@@ -3,6 +3,7 @@ import BatonController
 import BatonCore
 import BatonSystem
 import BatonHarness
+import BatonLibvirt
 import Foundation
 import Glibc
 
@@ -20,7 +21,7 @@ struct UpgradeBench: ParsableCommand {
     @Option(help: "Upgrades per transport (and per condition with --load).")
     var runs: Int = 5
 
-    @Option(help: "Comma-separated transports.")
+    @Option(help: "Comma-separated transports: memfd, gift, copy, auto, and in-place (memfd, the new binary exec'd in the paused process, as under libvirt's ch driver).")
     var transports: String = "memfd,gift,copy"
 
     @Option(help: "Also measure with this many CPU-bound processes running on the host (0: quiet only).")
@@ -28,6 +29,24 @@ struct UpgradeBench: ParsableCommand {
 
     @Flag(inversion: .prefixedNo, help: "Raise the pause's threads to nice -20 (`baton upgrade --pause-priority`).")
     var pausePriority = false
+
+    @Flag(help: "Also run QEMU's own handover on the same RAM size, through plain QMP (cpr-transfer on --qemu-new, x-ignore-shared from --qemu-old to --qemu-new), and with libvirtd Baton's QEMU upgrade beside it: the ratio of batonvmm's downtime to QEMU's pause, and Baton's overhead over raw QMP.")
+    var compareQemu = false
+
+    @Option(help: "With --compare-qemu: the old QEMU.")
+    var qemuOld: String = "/usr/bin/qemu-system-x86_64"
+
+    @Option(help: "With --compare-qemu: the new QEMU (10.0, for cpr-transfer).")
+    var qemuNew: String = "/opt/baton/qemu-10.0/usr/bin/qemu-system-x86_64"
+
+    @Option(help: "With --compare-qemu: the test guest's directory (Scripts/build-guest.sh).")
+    var guest: String = "/var/lib/baton/guest"
+
+    @Option(help: "With --compare-qemu: random data the QEMU guest keeps in its RAM.")
+    var qemuFill: String = "256MiB"
+
+    @Option(help: "With --compare-qemu: libvirt URI for Baton's QEMU side (skipped, with a line saying so, if it does not answer).")
+    var connect: String = "qemu:///system"
 
     @Flag(help: "One JSON object.")
     var json = false
@@ -55,6 +74,17 @@ struct UpgradeBench: ParsableCommand {
     func validate() throws {
         guard runs >= 1 else { throw ValidationError("--runs: give at least 1") }
         guard (0...64).contains(load) else { throw ValidationError("--load: give 0 to 64 CPU-bound processes") }
+        for t in transports.split(separator: ",") where !["memfd", "gift", "copy", "auto", "in-place"].contains(String(t)) {
+            throw ValidationError("--transports: '\(t)' is not memfd, gift, copy, auto or in-place")
+        }
+        if compareQemu {
+            for (flag, path) in [("--qemu-old", qemuOld), ("--qemu-new", qemuNew)] where access(path, X_OK) != 0 {
+                throw ValidationError("\(flag): \(path) is not an executable QEMU (Scripts/install-qemu.sh installs 10.0)")
+            }
+            guard FileManager.default.fileExists(atPath: guest + "/vmlinuz") else {
+                throw ValidationError("--guest: no vmlinuz in \(guest) (Scripts/build-guest.sh builds it)")
+            }
+        }
     }
 
     /// N busy loops (each a shell spinning: CPU-bound, no memory, no I/O), stopped and reaped by `stop`.
@@ -85,7 +115,8 @@ struct UpgradeBench: ParsableCommand {
             func upgrade(_ label: String) throws -> UpgradeReport {
                 if !json { FileHandle.standardError.write(Data("bench: upgrade \(transport) \(ByteSize(bytes)) \(label)\n".utf8)) }
                 var options = UpgradeOptions(vmSocket: socket, binary: next)
-                options.transport = transport
+                options.transport = transport == "in-place" ? "memfd" : transport
+                options.inPlace = transport == "in-place"
                 options.pausePriority = pausePriority
                 options.runDirectory = dir + "/run"
                 let report = try UpgradeController(options: options).run()
@@ -98,7 +129,8 @@ struct UpgradeBench: ParsableCommand {
                 defer { cpu.stop() }
                 if hogs > 0 { usleep(500_000) }  // the scheduler sees the load before the first run
                 let reports = try (0..<runs).map { try upgrade("\(condition) run \($0 + 1)/\(runs)") }
-                rows.append(Row(transport: reports.last?.transport ?? transport, condition: condition, ramBytes: bytes, runs: runs,
+                let label = transport == "in-place" ? "memfd in-place" : reports.last?.transport ?? transport
+                rows.append(Row(transport: label, condition: condition, ramBytes: bytes, runs: runs,
                                 downtimeMs: Spread(reports.map(\.downtimeMs)), pauseMs: Spread(reports.map(\.pauseMs)),
                                 stateMs: Spread(reports.map(\.stateMs)), ramMs: Spread(reports.map(\.ramMs)),
                                 verifyMs: Spread(reports.map(\.verifyMs)), resumeMs: Spread(reports.map(\.resumeMs)),
@@ -107,7 +139,8 @@ struct UpgradeBench: ParsableCommand {
                                 memcpyMs: Spread(memcpyTimes), allVerified: reports.allSatisfy(\.verified) && first.verified))
             }
         }
-        if json { printJSON(["results": rows]); return }
+        let qemu = compareQemu ? try compareWithQEMU(ramBytes: bytes, rows: rows) : nil
+        if json { printJSON(Results(results: rows, qemu: qemu)); return }
         print("transport          load     RAM     downtime ms (min/median/max)   first    pause   state   ram      verify  resume  other   memcpy ms (median)")
         for r in rows {
             print(r.transport.padding(toLength: 18, withPad: " ", startingAt: 0)
@@ -117,6 +150,50 @@ struct UpgradeBench: ParsableCommand {
                            r.downtimeMs.min, r.downtimeMs.median, r.downtimeMs.max, r.firstDowntimeMs.map { String(format: "%7.2f", $0) } ?? "      –",
                            r.pauseMs.median, r.stateMs.median, r.ramMs.median, r.verifyMs.median, r.resumeMs.median, r.unaccountedMs.median, r.memcpyMs.median)
                   + (r.allVerified ? "" : "  NOT VERIFIED"))
+        }
+        if let qemu { printComparison(qemu, rows: rows) }
+    }
+
+    struct Results: Codable {
+        let results: [Row]
+        /// `--compare-qemu`: QEMU's own handover on the same RAM size, same run.
+        let qemu: QEMUComparison?
+    }
+
+    struct QEMUComparison: Codable {
+        let modes: [QEMUBench.ModeResult]
+        /// Why Baton's QEMU side did not run (libvirtd did not answer), if it did not.
+        let batonSideSkipped: String?
+        /// Each quiet batonvmm row's downtime median over the cpr-transfer raw pause median.
+        let ratioToCPRTransfer: [String: Double]
+    }
+
+    /// QEMU's own handover of a guest with the same RAM (raw QMP), and Baton's QEMU upgrade
+    /// under libvirt beside it when libvirtd answers (`baton bench qemu`, same runs).
+    func compareWithQEMU(ramBytes: Int, rows: [Row]) throws -> QEMUComparison {
+        let libvirt: String? = (try? LibvirtConnection.connect(uri: connect, answeringWithin: 5)) == nil
+            ? "libvirt at \(connect) did not answer: Baton's QEMU side not run" : nil
+        if let libvirt, !json { FileHandle.standardError.write(Data("bench: \(libvirt)\n".utf8)) }
+        let bench = try QEMUBench.parse(["--ram", "\(ramBytes >> 20)MiB", "--fill", qemuFill, "--runs", "\(runs)",
+                                          "--modes", "cpr-transfer,ignore-shared", "--old", qemuOld, "--new", qemuNew,
+                                          "--guest", guest, "--connect", connect] + (json ? ["--json"] : []))
+        let results = try bench.measure(rawOnly: libvirt != nil)
+        var ratios: [String: Double] = [:]
+        if let cpr = results.modes.first(where: { $0.mode == "cpr-transfer" })?.rawPauseMs.median, cpr > 0 {
+            for r in rows where r.condition == "quiet" { ratios[r.transport] = r.downtimeMs.median / cpr }
+        }
+        return QEMUComparison(modes: results.modes, batonSideSkipped: libvirt, ratioToCPRTransfer: ratios)
+    }
+
+    func printComparison(_ q: QEMUComparison, rows: [Row]) {
+        print("")
+        print("QEMU's own handover, same RAM size, same run (raw QMP; pause = STOP in the old QEMU → RESUME in the new):")
+        QEMUBench.printModes(q.modes)
+        if let skipped = q.batonSideSkipped { print("(\(skipped))") }
+        guard let cpr = q.modes.first(where: { $0.mode == "cpr-transfer" })?.rawPauseMs.median else { return }
+        for r in rows where r.condition == "quiet" {
+            guard let ratio = q.ratioToCPRTransfer[r.transport] else { continue }
+            print(String(format: "batonvmm %@ downtime / QEMU 10.0 cpr-transfer pause (medians): %.2f ms / %.2f ms = %.2f×", r.transport, r.downtimeMs.median, cpr, ratio))
         }
     }
 }
