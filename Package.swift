@@ -65,6 +65,12 @@ let package = Package(
             "BatonVMM", "BatonCore", "BatonSystem",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+        ], linkerSettings: [
+            // Released batonvmm links the Swift runtime and Foundation statically: the image an
+            // exec-in-place upgrade starts inside the guest's pause then loads no Swift shared
+            // libraries (~20 of them, ~4 ms of that pause; Docs/BENCHMARKS.md). Debug builds (the
+            // tests link this module) stay dynamic.
+            .unsafeFlags(["-static-stdlib", "-lCoreFoundation", "-l_FoundationCollections", "-l_FoundationCShims", "-l_FoundationICU", "-lstdc++"], .when(configuration: .release)),
         ]),
         .testTarget(name: "BatonCoreTests", dependencies: ["BatonCore"]),
         .testTarget(name: "BatonControllerTests", dependencies: ["BatonController"]),

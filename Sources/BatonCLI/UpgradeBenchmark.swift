@@ -27,8 +27,8 @@ struct UpgradeBench: ParsableCommand {
     @Option(help: "Also measure with this many CPU-bound processes running on the host (0: quiet only).")
     var load: Int = 0
 
-    @Flag(inversion: .prefixedNo, help: "Raise the pause's threads to nice -20 (`baton upgrade --pause-priority`).")
-    var pausePriority = false
+    @Flag(inversion: .prefixedNo, help: "Put the pause's threads under SCHED_RR (`baton upgrade --pause-priority`).")
+    var pausePriority = true
 
     @Flag(help: "Also run QEMU's own handover on the same RAM size, through plain QMP (cpr-transfer on --qemu-new, x-ignore-shared from --qemu-old to --qemu-new), and with libvirtd Baton's QEMU upgrade beside it: the ratio of batonvmm's downtime to QEMU's pause, and Baton's overhead over raw QMP.")
     var compareQemu = false

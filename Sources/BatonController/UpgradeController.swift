@@ -10,6 +10,15 @@ public struct UpgradeReport: Codable, Sendable {
     public var downtimeMs: Double = 0
     public var pauseMs: Double = 0
     public var stateMs: Double = 0
+    /// Exec in place: `stateMs` split at the new image's main() and its restored VM: state
+    /// save + exec + loading the new image; decoding the state and rebuilding the KVM VM; until
+    /// the controller saw the image ready. Nil for a two-process upgrade.
+    public var execPhasesMs: ExecPhases?
+    public struct ExecPhases: Codable, Sendable {
+        public var execMs: Double
+        public var restoreMs: Double
+        public var readyMs: Double
+    }
     public var ramMs: Double = 0
     public var verifyMs: Double = 0
     public var resumeMs: Double = 0
@@ -79,11 +88,11 @@ public struct UpgradeOptions: Sendable {
     /// Told each notice (gift refused by the kernel, ...) as soon as the old instance decides
     /// it, before the pause: an operator learns of a fallback even if the upgrade then fails.
     public var onNotice: (@Sendable (String) -> Void)?
-    /// Raise the controller's and both instances' threads to nice −20 from just before the
-    /// pause until the guest runs in the new instance (PauseBoost): `--pause-priority`. Off by
-    /// default: under `--load 2` it measured inside the noise (Docs/BENCHMARKS.md), and a
-    /// controller killed inside the pause would leave the instances raised.
-    public var pausePriority = false
+    /// The controller's and both instances' threads under SCHED_RR from just before the pause
+    /// until the guest runs in the new instance (PauseBoost; `--no-pause-priority` turns it
+    /// off). On by default: with two CPU-bound processes on this 2-CPU host it took the memfd
+    /// downtime from 17.2 to 4.9 ms median (Docs/BENCHMARKS.md). Without root nothing changes.
+    public var pausePriority = true
 
     public init(vmSocket: String, binary: String) {
         self.vmSocket = vmSocket
@@ -363,6 +372,9 @@ public final class UpgradeController {
             throw UpgradeFailure(description: "\(error); nothing was changed", report: report, refused: true)
         }
         try log(.started, inPlaceGeneration: before.execGeneration)
+        // Outside the pause: the old image's page tables for guest RAM, which the exec would
+        // otherwise tear down inside it. Best effort: an image without the call only costs time.
+        try? old.client.expectOK("PUT", BatonVMMAPI.execPrepare)
         let pauseStart = Host.monotonicNanoseconds()
         try control.pause()
         report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
@@ -386,8 +398,12 @@ public final class UpgradeController {
             }
             guard let after else { throw VMMClient.Failure(description: "the new image did not come up within \(options.readyTimeoutSeconds) s") }
             guard after.pid == before.pid else { throw VMMClient.Failure(description: "pid changed from \(before.pid) to \(after.pid)") }
-            report.stateMs = Double(Host.monotonicNanoseconds() - execStart) / 1e6  // state save + exec + restore
-            try log(.committed)
+            let readyAt = Host.monotonicNanoseconds()
+            report.stateMs = Double(readyAt - execStart) / 1e6  // state save + exec + restore
+            if let started = after.imageStartedAtMonotonicNs, let restored = after.restoredAtMonotonicNs, execStart <= started, started <= restored, restored <= readyAt {
+                report.execPhasesMs = .init(execMs: Double(started - execStart) / 1e6, restoreMs: Double(restored - started) / 1e6,
+                                            readyMs: Double(readyAt - restored) / 1e6)
+            }
             let resumeStart = Host.monotonicNanoseconds()
             try control.resume()
             let end = Host.monotonicNanoseconds()
@@ -396,6 +412,10 @@ public final class UpgradeController {
             report.newPid = after.pid
             report.verified = true  // the state region's checksum held and the restore succeeded; RAM never moved
             report.pageDisposition = "shared"
+            // Journaled (fsync'd) after the resume, as in the two-process path: a controller that
+            // dies before it leaves `committing`, from which recovery resumes whichever image
+            // holds the VM, so the fsync need not sit inside the pause.
+            try log(.committed)
             try log(.resumed)
             try log(.done)
             return report

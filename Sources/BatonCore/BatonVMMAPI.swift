@@ -9,6 +9,8 @@ public enum BatonVMMAPI {
     public static let abandon = "/api/v1/baton/handoff.abandon"
     public static let adopt = "/api/v1/baton/adopt"
     public static let exec = "/api/v1/baton/exec"
+    /// Before the pause of an exec in place: drop the guest RAM's page tables (the guest runs on).
+    public static let execPrepare = "/api/v1/baton/exec.prepare"
     public static let ping = "/api/v1/vmm.ping"
     public static let pause = "/api/v1/vm.pause"
     public static let resume = "/api/v1/vm.resume"
@@ -62,6 +64,10 @@ public struct VMStatus: Codable, Sendable {
     /// Why the last exec in place failed, if it did (the VM stayed in this image, paused).
     public var lastExecError: String?
     public var version: String
+    /// After an exec in place: when this image's main() began, and when it had the VM restored
+    /// (CLOCK_MONOTONIC), so the controller can split the exec's time.
+    public var imageStartedAtMonotonicNs: UInt64?
+    public var restoredAtMonotonicNs: UInt64?
 
     public init(pid: Int32, state: VMRunState, backend: String?, ramBytes: Int, ramShared: Bool, vcpus: Int, beats: [GuestBeat?],
                 heartbeatExits: UInt64, startedAtMonotonicNs: UInt64, failures: [String], ramDigestBeforeResume: String?,

@@ -52,6 +52,16 @@ public final class MemoryMapping: @unchecked Sendable {
 
     public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: length) }
 
+    /// Drops this process's page-table entries for a memfd-backed mapping (MADV_DONTNEED on a
+    /// MAP_SHARED mapping: the pages stay in the memfd, a later touch maps them again). What an
+    /// exec tears down is then only what was touched since, not every page of the guest. Does
+    /// nothing for private memory, where MADV_DONTNEED would zero it: false then.
+    @discardableResult
+    public func dropPageTables() -> Bool {
+        guard backing != nil else { return false }
+        return madvise(base, length, MADV_DONTNEED) == 0
+    }
+
     /// Asks for transparent huge pages (MADV_HUGEPAGE); a refusal is not an error, it is reported.
     @discardableResult
     public func adviseHugePages() -> Bool { madvise(base, length, CBATON_MADV_HUGEPAGE) == 0 }
