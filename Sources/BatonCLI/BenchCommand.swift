@@ -29,6 +29,9 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Requested pipe capacity; default /proc/sys/fs/pipe-max-size.")
         var pipeSize: String?
 
+        @Option(help: "Chunk size (the unit checksummed and verified); default 1MiB.")
+        var chunkSize: String?
+
         @Flag(help: "Print one JSON object.")
         var json = false
 
@@ -44,6 +47,11 @@ struct BenchCommand: ParsableCommand {
             var options = HandoffOptions()
             options.lanes = lanes
             if let pipeSize { options.pipeCapacity = try parseSize(pipeSize, option: "--pipe-size") }
+            if let chunkSize {
+                let bytes = try parseSize(chunkSize, option: "--chunk-size")
+                guard bytes >= 4096, bytes <= 64 << 20, bytes % 4096 == 0 else { throw fail("--chunk-size: \(chunkSize) is not a multiple of 4KiB between 4KiB and 64MiB", .usage) }
+                options.chunkSize = bytes
+            }
             var bench = TransferBenchmark(
                 sizes: try size.split(separator: ",").map { try parseSize(String($0), option: "--size") },
                 runs: runs,

@@ -59,7 +59,7 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(name: .customLong("digest"), inversion: .prefixedNo, help: "Digest all guest RAM at pause and in the new instance before it resumes (adds downtime). Default: [upgrade] digest.")
     var digestFlag: Bool?
 
-    @Flag(inversion: .prefixedNo, help: "batonvmm, two processes: put the controller's thread and both instances' threads under SCHED_RR from just before the pause until the guest runs again, so CPU-bound work on the host does not stretch the pause (needs root, else nothing changes; vCPU threads never run the guest real-time; a controller killed inside the pause leaves the instances' service threads real-time).")
+    @Flag(inversion: .prefixedNo, help: "batonvmm (two processes or in place): put the controller's thread and both instances' threads under SCHED_RR from just before the pause until the guest runs again, so CPU-bound work on the host does not stretch the pause (needs root, else nothing changes; vCPU threads never run the guest real-time; a controller killed inside the pause leaves the instances' service threads real-time).")
     var pausePriority = true
 
     @Option(help: "Crash-safe journal path (default: in the run directory).")

@@ -375,6 +375,8 @@ public final class UpgradeController {
         // Outside the pause: the old image's page tables for guest RAM, which the exec would
         // otherwise tear down inside it. Best effort: an image without the call only costs time.
         try? old.client.expectOK("PUT", BatonVMMAPI.execPrepare)
+        // The scheduling policy survives the exec: the new image starts under it too.
+        if options.pausePriority { pauseBoost.raise([before.pid]) }
         let pauseStart = Host.monotonicNanoseconds()
         try control.pause()
         report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
@@ -409,6 +411,7 @@ public final class UpgradeController {
             let end = Host.monotonicNanoseconds()
             report.resumeMs = Double(end - resumeStart) / 1e6
             report.downtimeMs = Double(end - pauseStart) / 1e6
+            pauseBoost.restore()
             report.newPid = after.pid
             report.verified = true  // the state region's checksum held and the restore succeeded; RAM never moved
             report.pageDisposition = "shared"
