@@ -374,7 +374,7 @@ public final class UpgradeController {
         try log(.started, inPlaceGeneration: before.execGeneration)
         // Outside the pause: the old image's page tables for guest RAM, which the exec would
         // otherwise tear down inside it. Best effort: an image without the call only costs time.
-        try? old.client.expectOK("PUT", BatonVMMAPI.execPrepare)
+        _ = try? old.client.expectOK("PUT", BatonVMMAPI.execPrepare)
         // The scheduling policy survives the exec: the new image starts under it too.
         if options.pausePriority { pauseBoost.raise([before.pid]) }
         let pauseStart = Host.monotonicNanoseconds()

@@ -4,7 +4,6 @@ import BatonSystem
 import BatonVMM
 import Foundation
 import Glibc
-import Logging
 
 /// `batonvmm`: the reference hypervisor. Thin: parses arguments, builds the service, runs.
 struct BatonVMMCommand: ParsableCommand {
