@@ -26,9 +26,13 @@ public final class NewInstanceAgent {
     public let stallTimeoutSeconds: Double
     public let expectedUID: UInt32
     let provide: DestinationProvider
-    /// Runs when `commit` arrives, before `committed` is sent: the embedding hypervisor builds
-    /// (paused) what it will run. If it throws, the sender hears `failure` and keeps the guest.
+    /// Runs once the transfer is verified, before `commit` arrives: the embedding hypervisor
+    /// builds (paused) what it will run, while the controller journals the commit decision, so
+    /// the work is off the path from the commit to the guest running. If it throws, `commit`
+    /// gets `failure` instead of `committed` and the sender keeps the guest.
     public var prepareCommit: (([DestinationRegion]) throws -> Void)?
+    /// What `prepareCommit` gave, run after the verification.
+    private var preparedForCommit: Result<Void, any Error>?
     let pageSize = PageSize(Host.pageSize)
 
     public private(set) var state: ReceiverState = .awaitingHello
@@ -198,10 +202,14 @@ public final class NewInstanceAgent {
             try connection.send(.verifyResult(mismatch: mismatch, frames: mismatch == nil ? try sampleFrames() : []))
             state = machine.verificationFinished(state, mismatch: mismatch)
             if let mismatch { throw AgentError.integrity(mismatch) }
+            if let prepareCommit {
+                let regions = destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress }
+                preparedForCommit = Result { try prepareCommit(regions) }
+            }
         case .commit:
             heldForAdoption = [:]  // the guest is ours in our own memory: the sender's memfds go
             let regions = destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress }
-            try prepareCommit?(regions)
+            if let preparedForCommit { try preparedForCommit.get() } else { try prepareCommit?(regions) }
             try connection.send(.committed)
             return regions
         case .discard(let reason):

@@ -106,7 +106,11 @@ public struct IncomingHandoff {
                 oldDead = !Host.isAlive(pid)
             }
             if oldDead, held.contains(where: { $0.region.id == 0 }), held.contains(where: { $0.region.id == VMMService.stateRegionID }) {
-                return .orphaned(Orphan(regions: held, prebuilt: prebuilt, oldPID: agent.peerPID, digestBeforeResume: digestBeforeResume), reason: "\(error)")
+                // A VM restored after the verification holds the prebuilt KVM VM: the orphan
+                // builds its own rather than share it.
+                let unused = restored == nil ? prebuilt : nil
+                restored = nil
+                return .orphaned(Orphan(regions: held, prebuilt: unused, oldPID: agent.peerPID, digestBeforeResume: digestBeforeResume), reason: "\(error)")
             }
             throw error
         }
