@@ -8,18 +8,19 @@ import Glibc
 /// CPU with it (memfd, 1 GiB, `--load 2`: 12.3 ms median), a real-time thread preempts it at
 /// once (4.9 ms; Docs/BENCHMARKS.md). Bounded: the threads block between the steps, the kernel's
 /// real-time throttling (sched_rt_runtime_us) keeps 5% of every second for everything else, and
-/// a vCPU thread never runs the guest at a real-time policy (batonvmm drops it when the thread
-/// starts). Needs CAP_SYS_NICE (root): without it nothing is changed. `restore` sets every
+/// a vCPU thread never runs the guest at a real-time policy (running ones, named vcpuN, are not
+/// raised; new ones drop the policy when they start). Needs CAP_SYS_NICE (root): without it nothing is changed. `restore` sets every
 /// thread the processes have then (threads started during the pause inherit the policy) back.
 /// A controller killed inside the pause leaves the instances' service threads (not their
 /// vCPUs) real-time until the next upgrade or a `chrt` (Docs/FAULTS.md).
 public final class PauseBoost {
     public static let policyDuringPause: Int32 = 2  // SCHED_RR (<linux/sched.h>)
     public static let priorityDuringPause: Int32 = 1
-    /// The processes raised.
-    private var pids: [pid_t] = []
-    /// Single threads raised on their own (the calling thread).
-    private var threads: [pid_t] = []
+    /// The processes raised, with the threads each had at the raise.
+    private var pids: [(pid: pid_t, present: Set<pid_t>)] = []
+    /// The threads this raise changed (only these, and threads started during the pause at its
+    /// exact policy, are put back: a thread someone else made real-time stays so).
+    private var threads: Set<pid_t> = []
     public private(set) var raised = false
 
     public init() {}
@@ -31,15 +32,18 @@ public final class PauseBoost {
         var param = sched_param(sched_priority: Self.priorityDuringPause)
         let me = cbaton_gettid()
         if Self.isNormal(me), sched_setscheduler(me, Self.policyDuringPause, &param) == 0 {
-            threads.append(me)
+            threads.insert(me)
             raised = true
         }
         for pid in pids where pid > 0 {
-            self.pids.append(pid)
-            for tid in ProcessHandles.threadIDs(of: pid) where Self.isNormal(tid) {
+            let present = ProcessHandles.threadIDs(of: pid)
+            self.pids.append((pid, Set(present)))
+            // vCPU threads (named vcpuN) are left alone: before the pause they run the guest.
+            for tid in present where Self.isNormal(tid) && !Self.isVCPU(pid: pid, tid: tid) {
                 if sched_setscheduler(tid, Self.policyDuringPause, &param) != 0 {
                     if errno == EPERM || errno == EACCES { restore(); return false }
                 } else {
+                    threads.insert(tid)
                     raised = true
                 }
             }
@@ -50,10 +54,10 @@ public final class PauseBoost {
     /// Every thread of the processes back to SCHED_OTHER (their nice values were never
     /// changed); idempotent.
     public func restore() {
-        for pid in pids {
-            for tid in ProcessHandles.threadIDs(of: pid) where sched_getscheduler(tid) == Self.policyDuringPause { Self.makeNormal(tid) }
+        for (pid, present) in pids {
+            for tid in ProcessHandles.threadIDs(of: pid) where !present.contains(tid) && Self.isRaisedByUs(tid) { Self.makeNormal(tid) }
         }
-        for tid in threads { Self.makeNormal(tid) }
+        for tid in threads where Self.isRaisedByUs(tid) { Self.makeNormal(tid) }
         pids = []
         threads = []
         raised = false
@@ -61,6 +65,16 @@ public final class PauseBoost {
 
     /// A thread under SCHED_OTHER (one already real-time is someone else's choice: left alone).
     static func isNormal(_ tid: pid_t) -> Bool { sched_getscheduler(tid) == 0 }
+
+    /// At exactly the policy and priority a raise sets (0: the calling thread).
+    public static func isRaisedByUs(_ tid: pid_t) -> Bool {
+        var param = sched_param()
+        return sched_getscheduler(tid) == policyDuringPause && sched_getparam(tid, &param) == 0 && param.sched_priority == priorityDuringPause
+    }
+
+    static func isVCPU(pid: pid_t, tid: pid_t) -> Bool {
+        Host.readSmallFile("/proc/\(pid)/task/\(tid)/comm")?.hasPrefix("vcpu") == true
+    }
 
     /// `tid` (0: the calling thread) back to SCHED_OTHER.
     public static func makeNormal(_ tid: pid_t) {

@@ -78,9 +78,9 @@ private func vcpuThreadMain(_ context: UnsafeMutableRawPointer?) -> UnsafeMutabl
     pthread_sigmask(SIG_UNBLOCK, &kick, nil)
     // libvirt's ch driver finds vCPU threads by their names (vcpu0, vcpu1, ...) to pin them.
     Host.nameCurrentThread(t.name)
-    // Never the guest at a real-time policy inherited from a raised pause (PauseBoost): a busy
-    // guest would take 95% of a CPU from everything else on the host.
-    if sched_getscheduler(0) != 0 { PauseBoost.makeNormal(0) }
+    // Never the guest at the real-time policy a raised pause (PauseBoost) passes on: a busy guest
+    // would take 95% of a CPU from everything else. A policy an operator chose stays.
+    if PauseBoost.isRaisedByUs(0) { PauseBoost.makeNormal(0) }
     t.body()
     return nil
 }

@@ -32,6 +32,8 @@ public final class VMMService: @unchecked Sendable {
     /// After an exec in place: this image's main() and the VM's restore (CLOCK_MONOTONIC).
     public var imageStartedAt: UInt64?
     public var restoredAt: UInt64?
+    /// The prepared handoff passes guest RAM as its memfd (nothing of it is freed by our exit).
+    var guestRAMLeavesAsMemfd = false
     /// Why the last exec-in-place failed, if it did (the VM stayed here, paused).
     public var lastExecError: String?
     public var onExit: @Sendable (Int32) -> Void = { code in exit(code) }
@@ -174,7 +176,8 @@ public final class VMMService: @unchecked Sendable {
         // its exit after the commit tears down, on the CPUs the new instance is starting on
         // (every page of a guest filled at boot). Dropped now, with the guest running on, the
         // exit has only what the guest touches until the pause.
-        if prepared!.transports[0] == "memfd" { vm.ram.dropPageTables() }
+        guestRAMLeavesAsMemfd = prepared!.transports[0] == "memfd"
+        if guestRAMLeavesAsMemfd { vm.ram.dropPageTables() }
         return .json(HandoffPrepared(transports: prepared!.transports.mapKeys { "\($0)" }, notices: prepared!.notices))
     }
 
@@ -282,7 +285,10 @@ public final class VMMService: @unchecked Sendable {
         self.pending = nil
         // The new instance owns the guest now: this process must never run it again.
         vm?.shutdown()
-        return HTTPResponse(status: 204, afterSend: { [onExit] in Self.exitBehindTheNewInstance(); onExit(0) })
+        // Only when guest RAM stays in the memfd: a copying transport's exit frees a second copy
+        // of guest RAM, which must not wait behind everything else on a busy host.
+        let quietly = guestRAMLeavesAsMemfd
+        return HTTPResponse(status: 204, afterSend: { [onExit] in if quietly { Self.exitBehindTheNewInstance() }; onExit(0) })
     }
 
     /// After the commit, this process's exit (page tables, the KVM VM) is work nobody waits for,
