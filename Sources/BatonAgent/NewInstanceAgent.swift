@@ -31,6 +31,9 @@ public final class NewInstanceAgent {
     /// the work is off the path from the commit to the guest running. If it throws, `commit`
     /// gets `failure` instead of `committed` and the sender keeps the guest.
     public var prepareCommit: (([DestinationRegion]) throws -> Void)?
+    /// Told the destinations as soon as they are mapped (before `regionsReady`, so before the
+    /// pause): what can be set up around them then (KVM's memory slot) is out of the downtime.
+    public var destinationsMapped: (([DestinationRegion]) -> Void)?
     /// What `prepareCommit` gave, run after the verification.
     private var preparedForCommit: Result<Void, any Error>?
     let pageSize = PageSize(Host.pageSize)
@@ -57,9 +60,10 @@ public final class NewInstanceAgent {
     private enum FailureReporter { case lane, agent }
 
     public init(connection: AgentConnection, capabilities: Capabilities = .all, stallTimeoutSeconds: Double = 10,
-                expectedUID: UInt32 = getuid(), destinations: @escaping DestinationProvider = DestinationProviders.prefaultedAnonymous) {
+                expectedUID: UInt32 = getuid(), destinations: @escaping DestinationProvider = DestinationProviders.prefaultedAnonymous,
+                acceptsUnchecked: Bool = false) {
         self.connection = connection
-        self.machine = ReceiverMachine(localCapabilities: capabilities, pageSize: PageSize(Host.pageSize))
+        self.machine = ReceiverMachine(localCapabilities: capabilities, pageSize: PageSize(Host.pageSize), acceptsUnchecked: acceptsUnchecked)
         self.stallTimeoutSeconds = stallTimeoutSeconds
         self.expectedUID = expectedUID
         self.provide = destinations
@@ -178,6 +182,12 @@ public final class NewInstanceAgent {
                     destinations[region.id] = DestinationRegion(region: region, mapping: try provide(region))
                 }
             }
+            // The pages the spot checks will read, as the default chunk size cuts them (a sender
+            // with another chunk size only loses the head start): no page faults in the pause.
+            CheckedPages.populate(table: table, sharedRegions: Set(early.map(\.id)), chunkSize: HandoffOptions().chunkSize, fullVerification: false) {
+                destinations[$0]?.mapping
+            }
+            destinationsMapped?(destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress })
             try connection.send(.regionsReady(rollbackDescriptors: UInt8(rollback.count)), descriptors: rollback)
         case let .startReceiving(plan, begin):
             try start(plan: plan, begin: begin, descriptors: descriptors)
@@ -276,7 +286,7 @@ public final class NewInstanceAgent {
                 if let verdict = verifier.landed(chunk.index, sum) { try self.confirm(verdict) }
             }
         }
-        job = try LaneJob(lanes: plan.laneCount) { lane in
+        job = try LaneJob(lanes: plan.hasLaneChunks ? plan.laneCount : 0) { lane in  // none for memfd only
             do {
                 // Runs of one transport in plan order (a lane may carry several regions' chunks).
                 for (kind, run) in plan.chunks(onLane: lane).runs(by: { kinds[$0.regionID]?.transport ?? .memfd }) {

@@ -213,9 +213,9 @@ public final class OldInstanceAgent {
         }
         let begin = TransferBegin(lanes: UInt8(lanes), chunkSize: UInt32(options.chunkSize),
                                   pipeCapacity: UInt32(pipeLanes?.capacity ?? 0), sourcePID: getpid(),
-                                  fullVerification: options.fullVerification, regions: transfers, descriptorCount: descriptors.count)
+                                  fullVerification: options.fullVerification, unchecked: options.unchecked, regions: transfers, descriptorCount: descriptors.count)
         let plan = try TransferPlan(table: table, transfers: transfers, lanes: lanes, chunkSize: options.chunkSize,
-                                    fullVerification: options.fullVerification)
+                                    fullVerification: options.fullVerification, unchecked: options.unchecked)
         report.lanes = lanes
         report.pipeCapacity = pipeLanes?.capacity ?? 0
         report.pipeSizeRefusals = pipeLanes?.refusals.map(\.description) ?? []
@@ -238,7 +238,9 @@ public final class OldInstanceAgent {
         let streamChecksum: ((Chunk, UInt64) throws -> Void)? = releasing ? { [connection] chunk, sum in
             try connection.send(.chunkChecksums(firstChunk: UInt32(chunk.index), checksums: [sum]))
         } : nil
-        let job = try LaneJob(lanes: lanes) { lane in
+        // No thread at all when no chunk rides a lane (memfd only: its spot checks run below):
+        // starting and joining the lane threads cost more than the checks, inside the pause.
+        let job = try LaneJob(lanes: plan.hasLaneChunks ? lanes : 0) { lane in
             // A lane may carry chunks of several regions with different transports: each run of
             // one transport in plan order, piped ones into this lane's pipe.
             defer { pipeLanes?.pipes[lane].writeEnd.close() }
@@ -349,6 +351,15 @@ public final class PreparedHandoff {
     public var transports: [UInt32: String] { kinds.mapValues { "\($0)" } }
     /// What was decided differently from what was asked (before the pause), one line each.
     public var notices: [String] { report.notices }
+
+    /// Maps the pages the memfd spot checks will read (CheckedPages), with the guest running:
+    /// after any page-table drop, so that the checks inside the pause take no page faults.
+    public func populateCheckedPages() {
+        guard let table else { return }
+        let byID = Dictionary(uniqueKeysWithValues: sources.map { ($0.region.id, $0) })
+        CheckedPages.populate(table: table, sharedRegions: Set(kinds.filter { $0.value == .memfd }.keys), chunkSize: agent.options.chunkSize,
+                              fullVerification: agent.options.fullVerification) { byID[$0]?.mapping }
+    }
 
     /// Moves and verifies the bytes. The sources must not change from here on (VM paused).
     public func transfer() throws -> PendingHandoff {

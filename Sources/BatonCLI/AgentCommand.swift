@@ -27,6 +27,13 @@ struct AgentCommand: ParsableCommand {
         @Option(help: "Seconds without progress before the peer counts as stalled.")
         var timeout: Double = 10
 
+        @Flag(help: "Accept a sender that sends no chunk checksums (`baton bench transfer --no-integrity`); needs --seed, which then checks every byte.")
+        var acceptUnchecked = false
+
+        func validate() throws {
+            if acceptUnchecked && seed == nil { throw ValidationError("--accept-unchecked needs --seed: without chunk checksums the pattern check is the only one") }
+        }
+
         func run() throws {
             var outcome = ReceiverOutcome()
             var failure: Error?
@@ -34,7 +41,7 @@ struct AgentCommand: ParsableCommand {
             defer { listener.remove() }
             do {
                 let connection = AgentConnection(socket: try listener.accept(timeoutSeconds: timeout))
-                let agent = NewInstanceAgent(connection: connection, stallTimeoutSeconds: timeout)
+                let agent = NewInstanceAgent(connection: connection, stallTimeoutSeconds: timeout, acceptsUnchecked: acceptUnchecked)
                 let line = ProgressLine(), rate = RateMeter(), received = agent.progress
                 line.tick { rate.describe(bytes: received.bytesMoved, of: nil, verb: "received") }
                 defer { line.finish() }  // before the JSON below: it clears the line it is on

@@ -20,7 +20,7 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Repetitions per transport (min/median/max are reported).")
         var runs: Int = 5
 
-        @Option(help: "Comma-separated among gift, memfd, copy, auto; add +release (e.g. gift+release) to free the sender's pages as they go.")
+        @Option(help: "Comma-separated among gift, memfd, copy, auto; add +release (e.g. gift+release) to free the sender's pages as they go, +unchecked to send no chunk checksums (the integrity-off figure; every byte is still checked after the timer).")
         var transports: String = "gift,gift+release,memfd,copy"
 
         @Option(help: "Lanes (pipes / reader threads); default: online CPUs.")
@@ -39,7 +39,7 @@ struct BenchCommand: ParsableCommand {
             guard runs >= 1 else { throw ValidationError("--runs must be at least 1") }
             guard (1...64).contains(lanes) else { throw ValidationError("--lanes must be 1...64") }
             for t in transports.split(separator: ",") where TransferBenchmark.Variant(parsing: String(t)) == nil {
-                throw ValidationError("--transports: unknown transport '\(t)' (gift, memfd, copy, auto, optionally +release)")
+                throw ValidationError("--transports: unknown transport '\(t)' (gift, memfd, copy, auto, optionally +release and/or +unchecked)")
             }
         }
 

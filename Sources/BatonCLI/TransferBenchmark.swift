@@ -43,21 +43,27 @@ public struct BenchReport: Codable, Sendable {
 public struct TransferBenchmark {
     public var sizes: [Int]
     public var runs: Int
-    /// What to measure: a transport, optionally with the sender releasing its pages.
+    /// What to measure: a transport, optionally with the sender releasing its pages, or with
+    /// no chunk checksums (`+unchecked`: the integrity-off figure; the receiver's check of every
+    /// byte against the pattern, after the timer, still runs).
     public struct Variant: Sendable, CustomStringConvertible {
         public let transport: TransportChoice
         public let releaseSource: Bool
-        public init(_ transport: TransportChoice, releaseSource: Bool = false) {
+        public let unchecked: Bool
+        public init(_ transport: TransportChoice, releaseSource: Bool = false, unchecked: Bool = false) {
             self.transport = transport
             self.releaseSource = releaseSource
+            self.unchecked = unchecked
         }
-        /// `gift`, `memfd`, `copy`, `auto`, or any of them with `+release`.
+        /// `gift`, `memfd`, `copy`, `auto`, each optionally with `+release` and/or `+unchecked`.
         public init?(parsing text: String) {
             let parts = text.split(separator: "+").map(String.init)
-            guard let t = TransportChoice(rawValue: parts[0]), parts.count <= 2, parts.count == 1 || parts[1] == "release" else { return nil }
-            self.init(t, releaseSource: parts.count == 2)
+            let modifiers = Set(parts.dropFirst())
+            guard let t = TransportChoice(rawValue: parts[0]), modifiers.count == parts.count - 1,
+                  modifiers.isSubset(of: ["release", "unchecked"]) else { return nil }
+            self.init(t, releaseSource: modifiers.contains("release"), unchecked: modifiers.contains("unchecked"))
         }
-        public var description: String { transport.rawValue + (releaseSource ? "+release" : "") }
+        public var description: String { transport.rawValue + (releaseSource ? "+release" : "") + (unchecked ? "+unchecked" : "") }
     }
 
     public var transports: [Variant]
@@ -125,7 +131,7 @@ public struct TransferBenchmark {
             let moved = TransferProgress()
             progress("\(variant) run \(run + 1)/\(runs)", moved, size)
             let socket = "\(dir)/agent-\(run).sock"
-            let receiver = try BatonProcess(["agent", "receive", "--socket", socket, "--seed", "\(seed)"])
+            let receiver = try BatonProcess(["agent", "receive", "--socket", socket, "--seed", "\(seed)"] + (variant.unchecked ? ["--accept-unchecked"] : []))
             guard BatonProcess.waitForPath(socket) else {
                 receiver.kill()
                 throw BenchError("receiver did not listen on \(socket): \(receiver.finish().stderr)")
@@ -134,6 +140,7 @@ public struct TransferBenchmark {
             options.transport = transport
             options.progress = moved
             options.releaseSource = variant.releaseSource
+            options.unchecked = variant.unchecked
             if variant.releaseSource && run > 0 { TestPattern.fill(mapping.base, count: size, seed: seed) }  // the last run freed it
             Host.resetPeakRSS()
             let sampler = RSSSampler(peerPID: receiver.pid, sharedFrames: transport == .memfd)
@@ -162,6 +169,6 @@ public struct TransferBenchmark {
                            peakRssBytes: sampledPeak, peakRssOverGuestBytes: sampledPeak - size, peakRssUpperBoundBytes: peak,
                            inFlightWindowBytes: report.lanes * report.pipeCapacity, pagesMoved: report.pagesMoved,
                            pageDisposition: disposition, verified: verified, lanes: report.lanes, pipeCapacity: report.pipeCapacity,
-                           note: "\(kinds)\(report.releasedSource ? ", sender freed each chunk once piped (receiver writes a fresh memfd)" : ""); timed from transferBegin to the receiver's verified reply (checksums on both sides included); destination pre-faulted before the timer")
+                           note: "\(kinds)\(report.releasedSource ? ", sender freed each chunk once piped (receiver writes a fresh memfd)" : ""); timed from transferBegin to the receiver's verified reply (\(variant.unchecked ? "no chunk checksums: every byte checked against the pattern after the timer" : "checksums on both sides included")); destination pre-faulted before the timer")
     }
 }

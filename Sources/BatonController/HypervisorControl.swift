@@ -16,6 +16,7 @@ public protocol HypervisorControl: Sendable {
 public struct VMMSocketControl: HypervisorControl {
     public let client: VMMClient
     public init(socketPath: String) { client = VMMClient(socketPath: socketPath) }
+    public init(client: VMMClient) { self.client = client }
 
     public var identity: String { client.socketPath }
 

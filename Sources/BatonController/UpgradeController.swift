@@ -194,6 +194,11 @@ public final class UpgradeController {
     let old: VMMSocketControl
     /// Pause and resume (the VMM socket, or libvirt for a libvirt domain).
     let control: any HypervisorControl
+    /// The old instance's socket over one kept connection, opened before the pause: the
+    /// requests inside it (pause, transfer, commit, exec) pay no connect and no new VMM thread.
+    let pauseClient: VMMClient
+    /// Pauses through `pauseClient` unless libvirt pauses.
+    let pauseControl: any HypervisorControl
     var report: UpgradeReport
     var journal: UpgradeJournal?
     var childPid: pid_t?
@@ -219,6 +224,8 @@ public final class UpgradeController {
         self.options = options
         old = VMMSocketControl(socketPath: options.vmSocket)
         control = options.control ?? old
+        pauseClient = old.client.keepingConnection()
+        pauseControl = options.control ?? VMMSocketControl(client: pauseClient)
         report = UpgradeReport(vm: options.control?.identity ?? options.vmSocket, transport: options.transport)
     }
 
@@ -377,16 +384,21 @@ public final class UpgradeController {
         _ = try? old.client.expectOK("PUT", BatonVMMAPI.execPrepare)
         // The scheduling policy survives the exec: the new image starts under it too.
         if options.pausePriority { pauseBoost.raise([before.pid]) }
+        try openPauseConnection()
         let pauseStart = Host.monotonicNanoseconds()
-        try control.pause()
+        try pauseControl.pause()
         report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
         do {
             try log(.paused)
             // The exec is the point of no return: from here the new image may hold the VM.
             try log(.committing)
             let execStart = Host.monotonicNanoseconds()
-            try old.client.expectOK("PUT", BatonVMMAPI.exec, body: ExecRequest(binary: options.binary))
-            // Same socket, same pid, new image: wait until it has restored the VM (paused).
+            try pauseClient.expectOK("PUT", BatonVMMAPI.exec, body: ExecRequest(binary: options.binary))
+            pauseClient.closeKeptConnection()  // the exec closes the old image's end
+            // Same socket, same pid, new image: wait until it has restored the VM (paused). A status
+            // request sent while the image is loading waits in the inherited listener's backlog
+            // and is answered the moment the new image serves, so only an answer from the old
+            // image (still exec'ing) or a failed request waits before asking again.
             var after: VMStatus?
             let deadline = Date().addingTimeInterval(options.readyTimeoutSeconds)
             while Date() < deadline {
@@ -396,7 +408,7 @@ public final class UpgradeController {
                 } else if !Host.isAlive(before.pid) {
                     throw VMMClient.Failure(description: "the VMM process (pid \(before.pid)) exited after the exec")
                 }
-                usleep(500)
+                usleep(200)
             }
             guard let after else { throw VMMClient.Failure(description: "the new image did not come up within \(options.readyTimeoutSeconds) s") }
             guard after.pid == before.pid else { throw VMMClient.Failure(description: "pid changed from \(before.pid) to \(after.pid)") }
@@ -473,6 +485,12 @@ public final class UpgradeController {
         }
     }
 
+    /// Opens the kept connection with a ping, outside the pause: the VMM's thread for it is then
+    /// running when the pause request arrives.
+    func openPauseConnection() throws {
+        try pauseClient.expectOK("GET", BatonVMMAPI.ping)
+    }
+
     /// The new instance runs the guest now and outlives this upgrade: nobody waits for it here,
     /// so a long-running parent (`baton serve`) reaps it when it exits.
     func releaseNewInstance() {
@@ -545,18 +563,23 @@ extension UpgradeController: HandoffHypervisor {
         report.notices = try prepareReply.decode(HandoffPrepared.self).notices
         for notice in report.notices { options.onNotice?(notice) }
         prepared = true
+        // The transfer's answer is decoded inside the pause: warm its JSON path now (warmUpSample).
+        _ = try? JSONDecoder().decode(HandoffTransferred.self, from: JSONEncoder().encode(HandoffTransferred.warmUpSample))
         try log(.prepared)
     }
 
     public func pauseAndTransfer() throws {
         if options.pausePriority { pauseBoost.raise([report.oldPid, report.newPid]) }
+        try openPauseConnection()
         pauseStart = Host.monotonicNanoseconds()
-        try control.pause()
+        try pauseControl.pause()
         paused = true
         report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
         try log(.paused)
-        let outcome = try old.client.expectOK("PUT", BatonVMMAPI.transfer + (options.digest ? "?digest=1" : "")).decode(HandoffTransferred.self)
+        let outcome = try pauseClient.expectOK("PUT", BatonVMMAPI.transfer + (options.digest ? "?digest=1" : "")).decode(HandoffTransferred.self)
         report.stateMs = outcome.stateMs
+        // Saved inside the pause request: counted once, as `state`, not in `pause` too.
+        if outcome.stateSavedAtPause == true { report.pauseMs = max(0, report.pauseMs - outcome.stateMs) }
         report.ramMs = outcome.report.sendSeconds * 1000
         report.verifyMs = (outcome.report.transferAndVerifySeconds - outcome.report.sendSeconds) * 1000
         report.verified = outcome.report.verified
@@ -570,7 +593,8 @@ extension UpgradeController: HandoffHypervisor {
 
     public func runNewInstance() throws {
         let commitStart = Host.monotonicNanoseconds()
-        try old.client.expectOK("PUT", BatonVMMAPI.commit)
+        try pauseClient.expectOK("PUT", BatonVMMAPI.commit)
+        pauseClient.closeKeptConnection()  // the old instance exits now
         commitAcknowledged = true
         try log(.committed)
         let after = try waitForNewInstance()

@@ -27,12 +27,18 @@ public struct TransferBegin: Equatable, Sendable {
     public let sourcePID: Int32
     /// memfd regions: checksum every byte instead of one page per chunk.
     public let fullVerification: Bool
+    /// Streamed chunks carry no checksum (their checked length is 0): the integrity-off figure
+    /// of `baton bench transfer --no-integrity`, which checks every byte afterwards instead.
+    /// Receivers refuse it unless they were started to accept it (never in an upgrade).
+    public let unchecked: Bool
     public let regions: [RegionTransfer]
     /// Descriptors that ride on the message: pipe read ends first (one per lane if any
     /// region is piped), then memfds referenced by `descriptorIndex`.
     public let descriptorCount: Int
 
-    public init(lanes: UInt8, chunkSize: UInt32, pipeCapacity: UInt32, sourcePID: Int32, fullVerification: Bool, regions: [RegionTransfer], descriptorCount: Int) {
+    public init(lanes: UInt8, chunkSize: UInt32, pipeCapacity: UInt32, sourcePID: Int32, fullVerification: Bool, unchecked: Bool = false,
+                regions: [RegionTransfer], descriptorCount: Int) {
+        self.unchecked = unchecked
         self.lanes = lanes
         self.chunkSize = chunkSize
         self.pipeCapacity = pipeCapacity
@@ -135,7 +141,7 @@ public enum Message: Equatable, Sendable {
         case .regionsReady(let n):
             w.u8(n)
         case .transferBegin(let b):
-            w.u8(b.lanes); w.u8(b.fullVerification ? 1 : 0); w.u16(UInt16(b.descriptorCount))
+            w.u8(b.lanes); w.u8(b.unchecked ? 2 : b.fullVerification ? 1 : 0); w.u16(UInt16(b.descriptorCount))
             w.u32(b.chunkSize); w.u32(b.pipeCapacity); w.i32(b.sourcePID)
             w.u32(UInt32(b.regions.count))
             for r in b.regions {
@@ -225,7 +231,9 @@ public enum Message: Equatable, Sendable {
         case .regionsReady:
             message = .regionsReady(rollbackDescriptors: try r.u8("rollback descriptors"))
         case .transferBegin:
-            let lanes = try r.u8("lanes"), full = try r.bool("full verification")
+            let lanes = try r.u8("lanes"), verification = try r.u8("verification")
+            guard verification <= 2 else { throw .invalidField(command: name, field: "verification", value: "\(verification) (must be 0, 1 or 2)") }
+            let full = verification == 1
             let descriptors = Int(try r.u16("descriptor count"))
             let chunk = try r.u32("chunk size"), pipe = try r.u32("pipe capacity"), pid = try r.i32("source pid")
             let n = try r.count("region count", recordSize: 28)
@@ -247,7 +255,7 @@ public enum Message: Equatable, Sendable {
                 throw .invalidField(command: name, field: chunk == 0 ? "chunk size" : "lanes", value: "0")
             }
             message = .transferBegin(TransferBegin(lanes: lanes, chunkSize: chunk, pipeCapacity: pipe, sourcePID: pid,
-                                                   fullVerification: full, regions: regions, descriptorCount: descriptors))
+                                                   fullVerification: full, unchecked: verification == 2, regions: regions, descriptorCount: descriptors))
         case .chunkChecksums:
             let first = try r.u32("first chunk")
             let n = try r.count("checksum count", recordSize: 8)

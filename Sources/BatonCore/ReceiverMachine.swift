@@ -63,10 +63,14 @@ public enum ReceiverAction: Equatable, Sendable {
 public struct ReceiverMachine: Sendable {
     public let localCapabilities: Capabilities
     public let pageSize: PageSize
+    /// Whether a `transferBegin` without chunk checksums (verification 2) is accepted: only by a
+    /// benchmark's receiver that checks every byte itself afterwards.
+    public let acceptsUnchecked: Bool
 
-    public init(localCapabilities: Capabilities, pageSize: PageSize) {
+    public init(localCapabilities: Capabilities, pageSize: PageSize, acceptsUnchecked: Bool = false) {
         self.localCapabilities = localCapabilities
         self.pageSize = pageSize
+        self.acceptsUnchecked = acceptsUnchecked
     }
 
     public func step(_ state: ReceiverState, _ message: Message) throws(ProtocolError) -> (ReceiverState, ReceiverAction) {
@@ -106,13 +110,16 @@ public struct ReceiverMachine: Sendable {
             for r in begin.regions where r.transport == .memfd && r.descriptorIndex < 0 {
                 throw .invalidField(command: "transferBegin", field: "descriptor index of memfd region \(r.regionID)", value: "-1 (none: a memfd region must name one of the descriptors sent with transferBegin)")
             }
+            if begin.unchecked && !acceptsUnchecked {
+                throw .invalidField(command: "transferBegin", field: "verification", value: "2 (no chunk checksums: this receiver requires integrity checks)")
+            }
             if begin.usesPipes && begin.descriptorCount < Int(begin.lanes) {
                 throw .unexpectedDescriptors(command: "transferBegin", expected: Int(begin.lanes), received: begin.descriptorCount)
             }
             let plan: TransferPlan
             do {
                 plan = try TransferPlan(table: table, transfers: begin.regions, lanes: Int(begin.lanes),
-                                        chunkSize: Int(begin.chunkSize), fullVerification: begin.fullVerification)
+                                        chunkSize: Int(begin.chunkSize), fullVerification: begin.fullVerification, unchecked: begin.unchecked)
             } catch {
                 throw .invalidField(command: "transferBegin", field: "plan", value: "\(error)")
             }

@@ -35,7 +35,8 @@ public struct TransferPlan: Equatable, Sendable {
         }
     }
 
-    public init(table: RegionTable, transfers: [RegionTransfer], lanes: Int, chunkSize: Int, fullVerification: Bool) throws(PlanError) {
+    /// `unchecked`: streamed chunks get a checked length of 0 (TransferBegin.unchecked).
+    public init(table: RegionTable, transfers: [RegionTransfer], lanes: Int, chunkSize: Int, fullVerification: Bool, unchecked: Bool = false) throws(PlanError) {
         let page = table.pageSize
         guard chunkSize > 0, page.isAligned(chunkSize) else { throw .chunkSizeUnaligned(chunkSize, pageSize: page.bytes) }
         var byID: [UInt32: RegionTransfer] = [:]
@@ -58,7 +59,7 @@ public struct TransferPlan: Equatable, Sendable {
             var offset: UInt64 = 0
             while offset < region.length {
                 let n = min(size, region.length - offset)
-                let checked = (streamed || fullVerification) ? n : min(n, UInt64(page.bytes))
+                let checked = streamed && unchecked ? 0 : (streamed || fullVerification) ? n : min(n, UInt64(page.bytes))
                 plain.append((region, offset, n, streamed, checked))
                 offset += n
             }
@@ -85,6 +86,8 @@ public struct TransferPlan: Equatable, Sendable {
     }
 
     public func chunks(onLane lane: Int) -> [Chunk] { chunks.filter { $0.lane == lane } }
+    /// Whether any chunk rides a lane (memfd regions' spot checks do not).
+    public var hasLaneChunks: Bool { chunks.contains { $0.lane != nil } }
 
     public func chunkIndices(ofRegion id: UInt32) -> Range<Int> { chunkRanges[id] ?? 0..<0 }
 

@@ -41,6 +41,11 @@ public struct WireReader {
         return bytes[offset..<offset + n]
     }
 
+    /// The next `n` bytes, copied out in one piece.
+    public mutating func copy(_ n: Int, _ field: String) throws(ProtocolError) -> [UInt8] {
+        Array(try take(n, field))
+    }
+
     mutating func integer<T: FixedWidthInteger>(_ type: T.Type, _ field: String) throws(ProtocolError) -> T {
         let slice = try take(MemoryLayout<T>.size, field)
         var value: T = 0

@@ -80,3 +80,31 @@ extension Chunk {
         ChunkChecksum.compute(base: regionBase + Int(offset), count: Int(checkedLength), seed: UInt64(index))
     }
 }
+
+/// The pages the checks inside the pause read, mapped into this process's page tables ahead
+/// of it (MADV_POPULATE_READ): the memfd spot checks' pages and the frame samples
+/// (MoveDetection). The first touch of a page through a fresh or dropped mapping is a page
+/// fault, ~7 µs each on this host (measured): ~0.5 ms for the 65 pages a 1 GiB guest and its
+/// state region check, inside the pause on both sides. Best effort: a page not populated
+/// here is simply faulted in when it is read.
+public enum CheckedPages {
+    /// Populates every region's frame samples and the checked pages of the shared (memfd)
+    /// regions, as the plan for `chunkSize` cuts them; `mapping` gives each region's mapping
+    /// in this process (nil: skipped).
+    public static func populate(table: RegionTable, sharedRegions: Set<UInt32>, chunkSize: Int, fullVerification: Bool,
+                                mapping: (UInt32) -> MemoryMapping?) {
+        for region in table.regions {
+            guard let m = mapping(region.id) else { continue }
+            for offset in TransferPlan.frameSampleOffsets(regionLength: region.length, pageSize: table.pageSize) {
+                m.populateForReading(offset: Int(offset), length: table.pageSize.bytes)
+            }
+        }
+        guard !fullVerification, !sharedRegions.isEmpty else { return }
+        let transfers = table.regions.map { RegionTransfer(regionID: $0.id, transport: sharedRegions.contains($0.id) ? .memfd : .gift) }
+        guard let plan = try? TransferPlan(table: table, transfers: transfers, lanes: 1, chunkSize: chunkSize, fullVerification: false) else { return }
+        for chunk in plan.chunks where chunk.lane == nil {
+            guard let m = mapping(chunk.regionID) else { continue }
+            m.populateForReading(offset: Int(chunk.offset), length: Int(chunk.checkedLength))
+        }
+    }
+}

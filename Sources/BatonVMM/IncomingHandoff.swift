@@ -80,12 +80,17 @@ public struct IncomingHandoff {
     /// guest then.
     public func run() throws -> Outcome {
         let prebuilt = KVMHost.unavailableReason == nil ? expectedVCPUs.flatMap { try? PrebuiltKVM(vcpus: $0) } : nil
+        VMState.warmUp()  // the state's decode runs inside the pause: warm it before we are ready
         let listener = try UnixListener(path: agentSocket)
         defer { listener.remove() }
         let connection = AgentConnection(socket: try listener.accept(timeoutSeconds: acceptTimeoutSeconds))
         listener.remove()
         let agent = NewInstanceAgent(connection: connection, stallTimeoutSeconds: stallTimeoutSeconds, destinations: Self.destination)
         var restored: VirtualMachine?
+        agent.destinationsMapped = { regions in
+            // Best effort: a restore that finds the slot unset sets it itself.
+            if let prebuilt, let ram = regions.first(where: { $0.region.id == 0 && $0.region.guestAddress == 0 }) { try? prebuilt.register(ram: ram.mapping) }
+        }
         agent.prepareCommit = { regions in
             guard let stateRegion = regions.first(where: { $0.region.id == VMMService.stateRegionID }),
                   let ram = regions.first(where: { $0.region.id == 0 }) else {

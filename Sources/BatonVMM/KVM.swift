@@ -37,6 +37,9 @@ public final class KVMMachine: @unchecked Sendable {
     public let system: FileDescriptor
     public let vm: FileDescriptor
     public let vcpuMmapSize: Int
+    /// Slot 0 as last set (host address, length): a VM restored around the same mapping
+    /// need not set it again.
+    public private(set) var slot0: (host: UnsafeMutableRawPointer, length: Int)?
 
     public init() throws {
         system = FileDescriptor(owning: try checkedCall("open(/dev/kvm)") { open("/dev/kvm", O_RDWR | O_CLOEXEC) })
@@ -50,6 +53,7 @@ public final class KVMMachine: @unchecked Sendable {
         var region = kvm_userspace_memory_region(slot: slot, flags: 0, guest_phys_addr: guestAddress,
                                                  memory_size: UInt64(length), userspace_addr: UInt64(UInt(bitPattern: host)))
         _ = try kvmIoctl(vm.raw, CBATON_KVM_SET_USER_MEMORY_REGION, "KVM_SET_USER_MEMORY_REGION", &region)
+        if slot == 0 && guestAddress == 0 { slot0 = (host, length) }
     }
 
     public func supportedCPUID() throws -> [kvm_cpuid_entry2] {

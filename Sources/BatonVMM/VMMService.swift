@@ -178,6 +178,8 @@ public final class VMMService: @unchecked Sendable {
         // exit has only what the guest touches until the pause.
         guestRAMLeavesAsMemfd = prepared!.transports[0] == "memfd"
         if guestRAMLeavesAsMemfd { vm.ram.dropPageTables() }
+        prepared!.populateCheckedPages()
+        _ = HTTPResponse.json(HandoffTransferred.warmUpSample)  // the transfer's answer, warm (warmUpSample)
         return .json(HandoffPrepared(transports: prepared!.transports.mapKeys { "\($0)" }, notices: prepared!.notices))
     }
 
@@ -198,6 +200,7 @@ public final class VMMService: @unchecked Sendable {
         guard let prepared, let stateRegion else { return .error(409, "no prepared handoff (call handoff.prepare first)") }
         let vm = try requireVM()
         guard vm.state == .paused else { throw VMError.invalidState(action: "transfer", state: vm.state) }
+        let savedAtPause = stateSaved
         if !stateSaved {
             let t0 = Host.monotonicNanoseconds()
             try StateRegion.write(try vm.saveState().encoded(), into: stateRegion.base, capacity: stateRegion.length)
@@ -209,7 +212,8 @@ public final class VMMService: @unchecked Sendable {
         let pending = try prepared.transfer()
         self.pending = pending
         return .json(HandoffTransferred(report: pending.report, stateMs: stateSaveMs, stateBytes: stateBytes,
-                                     transferMs: pending.report.transferAndVerifySeconds * 1000, ramDigestAtPause: ramDigest))
+                                     transferMs: pending.report.transferAndVerifySeconds * 1000, ramDigestAtPause: ramDigest,
+                                     stateSavedAtPause: savedAtPause))
     }
 
     /// Roll forward after the old instance died: run the guest from the RAM and state memfds

@@ -38,7 +38,10 @@ public final class VirtualMachine: @unchecked Sendable {
             backend = .kvm
             let reuse = prebuilt.flatMap { $0.vcpus.count == config.vcpus ? $0 : nil }
             let machine = try reuse?.machine ?? KVMMachine()
-            try machine.setMemory(slot: 0, guestAddress: 0, host: ram.base, length: config.ramBytes)
+            // A new instance registered the handed-over RAM before the pause (PrebuiltKVM.register).
+            if machine.slot0?.host != ram.base || machine.slot0?.length != config.ramBytes {
+                try machine.setMemory(slot: 0, guestAddress: 0, host: ram.base, length: config.ramBytes)
+            }
             kvm = machine
             kvmVCPUs = try reuse?.vcpus ?? (0..<config.vcpus).map { try KVMVCPU(machine: machine, index: $0) }
         } else {
@@ -253,6 +256,13 @@ public struct PrebuiltKVM: @unchecked Sendable {
         let m = try KVMMachine()
         machine = m
         vcpus = try (0..<count).map { try KVMVCPU(machine: m, index: $0) }
+    }
+
+    /// Registers guest RAM with the VM as soon as its destination is mapped, with the guest
+    /// still running in the old instance: KVM_SET_USER_MEMORY_REGION for 1 GiB takes ~0.5 ms
+    /// here (measured), which would otherwise fall between the commit and the resume.
+    public func register(ram: MemoryMapping) throws {
+        try machine.setMemory(slot: 0, guestAddress: 0, host: ram.base, length: ram.length)
     }
 }
 

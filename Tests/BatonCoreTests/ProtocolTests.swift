@@ -162,6 +162,32 @@ struct ReceiverMachineTests {
         #expect(state.isFinal)
     }
 
+    @Test("transferBegin without chunk checksums (verification 2): encoded as 2, refused by a receiver that requires integrity, planned with 0 checked bytes per streamed chunk where accepted; other values refused")
+    func uncheckedTransfer() throws {
+        let unchecked = TransferBegin(lanes: 1, chunkSize: 1 << 20, pipeCapacity: 1 << 20, sourcePID: 1, fullVerification: false, unchecked: true,
+                                      regions: begin.regions, descriptorCount: 1)
+        let bytes = Message.transferBegin(unchecked).encoded()
+        #expect(bytes[16 + 1] == 2, "the verification byte follows lanes")
+        #expect(try decodeFull(bytes) == .transferBegin(unchecked))
+        var bad = bytes
+        bad[16 + 1] = 3
+        #expect(throws: ProtocolError.invalidField(command: "transferBegin", field: "verification", value: "3 (must be 0, 1 or 2)")) { try decodeFull(bad) }
+        for accepting in [false, true] {
+            let m = ReceiverMachine(localCapabilities: .all, pageSize: page, acceptsUnchecked: accepting)
+            var (state, _) = try m.step(.awaitingHello, hello)
+            (state, _) = try m.step(state, .regionTable(sampleTable))
+            if !accepting {
+                #expect(throws: ProtocolError.invalidField(command: "transferBegin", field: "verification", value: "2 (no chunk checksums: this receiver requires integrity checks)")) {
+                    try m.step(state, .transferBegin(unchecked))
+                }
+                continue
+            }
+            let (_, action) = try m.step(state, .transferBegin(unchecked))
+            guard case .startReceiving(let plan, _) = action else { Issue.record("expected startReceiving, got \(action)"); return }
+            #expect(!plan.chunks.isEmpty && plan.chunks.allSatisfy { $0.checkedLength == 0 && $0.lane != nil })
+        }
+    }
+
     @Test("a mismatch fails the handoff and names region and offset")
     func mismatchFails() throws {
         var (state, _) = try machine.step(.awaitingHello, hello)

@@ -13,11 +13,12 @@ struct ReceiverChild {
     let socket: String
     let directory: String
 
-    init(seed: UInt64? = nil, timeout: Double = 10, environment: [String: String] = [:]) throws {
+    init(seed: UInt64? = nil, timeout: Double = 10, environment: [String: String] = [:], acceptUnchecked: Bool = false) throws {
         directory = try BatonProcess.makeRunDirectory("test")
         socket = directory + "/agent.sock"
         var args = ["agent", "receive", "--socket", socket, "--timeout", "\(timeout)"]
         if let seed { args += ["--seed", "\(seed)"] }
+        if acceptUnchecked { args.append("--accept-unchecked") }
         process = try BatonProcess(args, environment: environment)
         guard BatonProcess.waitForPath(socket) else {
             process.kill()

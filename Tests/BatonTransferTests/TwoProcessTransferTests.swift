@@ -50,6 +50,38 @@ struct TwoProcessTransferTests {
         #expect(TestPattern.firstMismatch(source.base, count: Self.size, seed: seed) == nil)
     }
 
+    @Test("gift without chunk checksums (the integrity-off benchmark) lands intact where the receiver accepts it, and is refused, before any byte moves, where it does not",
+          arguments: [true, false])
+    func unchecked(_ accepted: Bool) throws {
+        let seed = UInt64.random(in: 1...UInt64.max)
+        let size = 16 << 20
+        let source = try patternedRegion(bytes: size, memfd: false, seed: seed)
+        let receiver = try ReceiverChild(seed: seed, acceptUnchecked: accepted)
+        var options = HandoffOptions()
+        options.transport = .gift
+        options.unchecked = true
+        let connection = AgentConnection(socket: try UnixSocket.connect(path: receiver.socket))
+        let result = Result { try OldInstanceAgent(connection: connection, options: options).handOff([source]) }
+        if accepted {
+            let pending = try result.get()
+            try pending.commit()
+            #expect(pending.report.verified)
+        } else {
+            #expect(throws: (any Error).self) { try result.get() }
+        }
+        let done = receiver.finish()
+        if accepted {
+            #expect(done.status == 0, "\(done.stderr)")
+            let outcome = try #require(done.outcome)
+            #expect(outcome.committed && outcome.patternChecked && outcome.patternMismatchOffset == nil)
+        } else {
+            #expect(done.status != 0)
+            #expect(done.stderr.contains("invalid verification 2 (no chunk checksums: this receiver requires integrity checks)"), "\(done.stderr)")
+            #expect(done.outcome?.committed != true)
+        }
+        #expect(TestPattern.firstMismatch(source.base, count: size, seed: seed) == nil)
+    }
+
     @Test("agent receive --seed: bytes that commit but differ from the pattern exit 4, naming the address")
     func patternMismatchExits4() throws {
         let receiver = try ReceiverChild(seed: 2)  // agent send fills with seed 1
