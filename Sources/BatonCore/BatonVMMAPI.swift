@@ -69,6 +69,12 @@ public struct VMStatus: Codable, Sendable {
     public var imageStartedAtMonotonicNs: UInt64?
     public var restoredAtMonotonicNs: UInt64?
 
+    /// A throw-away status for warming the JSON encoding in an image that just exec'd (its first
+    /// answer is inside the guest's pause); see HandoffTransferred.warmUpSample.
+    public static let warmUpSample = VMStatus(pid: 0, state: .paused, backend: "kvm", ramBytes: 0, ramShared: true, vcpus: 1, beats: [],
+                                              heartbeatExits: 0, startedAtMonotonicNs: 0, failures: [], ramDigestBeforeResume: nil,
+                                              execGeneration: 0, lastExecError: nil, version: "")
+
     public init(pid: Int32, state: VMRunState, backend: String?, ramBytes: Int, ramShared: Bool, vcpus: Int, beats: [GuestBeat?],
                 heartbeatExits: UInt64, startedAtMonotonicNs: UInt64, failures: [String], ramDigestBeforeResume: String?,
                 execGeneration: Int, lastExecError: String?, version: String) {

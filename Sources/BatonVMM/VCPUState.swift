@@ -203,6 +203,15 @@ public enum StateRegion {
         base.storeBytes(of: UInt32(blob.count).littleEndian, as: UInt32.self)
     }
 
+    /// The vCPU count byte of the state's header (VMState's format), without reading or
+    /// checking the rest: nil if the region holds no state. A hint, never trusted.
+    public static func peekVCPUCount(from base: UnsafeRawPointer, capacity: Int) -> Int? {
+        guard capacity >= headerBytes + 8 else { return nil }
+        let length = Int(UInt32(littleEndian: base.load(as: UInt32.self)))
+        guard length >= 8, UInt32(littleEndian: base.load(fromByteOffset: headerBytes, as: UInt32.self)) == VMState.magic else { return nil }
+        return Int(base.load(fromByteOffset: headerBytes + 7, as: UInt8.self))
+    }
+
     public static func read(from base: UnsafeRawPointer, capacity: Int) throws -> VMState {
         let length = Int(UInt32(littleEndian: base.load(as: UInt32.self)))
         guard length > 0 else { throw ReadError.empty }

@@ -38,6 +38,9 @@ public final class VMMService: @unchecked Sendable {
     public var lastExecError: String?
     public var onExit: @Sendable (Int32) -> Void = { code in exit(code) }
 
+    /// Closed while an exec'd image restores its VM (see RestoreGate).
+    public let restoreGate = RestoreGate()
+
     public init() {}
 
     public func adopt(_ vm: VirtualMachine) {
@@ -53,6 +56,7 @@ public final class VMMService: @unchecked Sendable {
     }
 
     public func handle(_ request: HTTPRequest) -> HTTPResponse {
+        restoreGate.pass()
         let route = request.path.prefix { $0 != "?" }  // a bare "?" is an empty route, not a crash
         do {
             switch (request.method, route) {
@@ -321,4 +325,22 @@ public enum RAMDigest {
 
 extension Dictionary {
     func mapKeys<K: Hashable>(_ f: (Key) -> K) -> [K: Value] { Dictionary<K, Value>(uniqueKeysWithValues: map { (f($0.key), $0.value) }) }
+}
+
+/// Holds the API's requests while an image that just exec'd restores its VM: the server and its
+/// threads start first, alongside the restore (all of it inside the guest's pause), and each
+/// request waits here until the VM is back, as it waited in the listener's backlog before.
+public final class RestoreGate: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var closed = false
+
+    public init() {}
+
+    public func close() { condition.lock(); closed = true; condition.unlock() }
+    public func open() { condition.lock(); closed = false; condition.broadcast(); condition.unlock() }
+    func pass() {
+        condition.lock()
+        while closed { condition.wait() }
+        condition.unlock()
+    }
 }

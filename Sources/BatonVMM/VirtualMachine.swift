@@ -36,14 +36,22 @@ public final class VirtualMachine: @unchecked Sendable {
         beats = BeatLog(vcpus: config.vcpus)
         if known.map({ $0 == .kvm }) ?? (!config.simulated && KVMHost.unavailableReason == nil) {
             backend = .kvm
-            let reuse = prebuilt.flatMap { $0.vcpus.count == config.vcpus ? $0 : nil }
+            // A prebuilt VM with no vCPUs yet (the exec'd image's) gets them here; one with the
+            // wrong number is not used at all (its vCPU ids are taken).
+            // A slot 0 set for another mapping or size cannot be changed in place: a fresh VM then.
+            let reuse = prebuilt.flatMap { p -> PrebuiltKVM? in
+                let vcpusFit = p.vcpus.count == config.vcpus || p.vcpus.isEmpty
+                let slotFits = p.machine.slot0.map { $0.host == ram.base && $0.length == config.ramBytes } ?? true
+                return vcpusFit && slotFits ? p : nil
+            }
             let machine = try reuse?.machine ?? KVMMachine()
             // A new instance registered the handed-over RAM before the pause (PrebuiltKVM.register).
-            if machine.slot0?.host != ram.base || machine.slot0?.length != config.ramBytes {
+            if machine.slot0 == nil {
                 try machine.setMemory(slot: 0, guestAddress: 0, host: ram.base, length: config.ramBytes)
             }
             kvm = machine
-            kvmVCPUs = try reuse?.vcpus ?? (0..<config.vcpus).map { try KVMVCPU(machine: machine, index: $0) }
+            let built = reuse?.vcpus.isEmpty == false ? reuse?.vcpus : nil
+            kvmVCPUs = try built ?? (0..<config.vcpus).map { try KVMVCPU(machine: machine, index: $0) }
         } else {
             backend = .simulated
             kvm = nil
@@ -228,14 +236,7 @@ public final class VirtualMachine: @unchecked Sendable {
     /// A VM restored in this process after an exec-in-place upgrade: RAM from the inherited
     /// memfd, state from the inherited state memfd; left paused for its manager to resume.
     public static func resumeAfterExec(ramFD: Int32, stateFD: Int32) throws -> VirtualMachine {
-        let ramFile = FileDescriptor(owning: ramFD)
-        let stateFile = FileDescriptor(owning: stateFD)
-        _ = fcntl(ramFD, F_SETFD, FD_CLOEXEC)
-        let ramBytes = Int(try ramFile.status().st_size)
-        let stateBytes = Int(try stateFile.status().st_size)
-        let ram = try MemoryMapping.shared(fd: ramFile, offset: 0, length: ramBytes)
-        let state = try MemoryMapping.shared(fd: stateFile, offset: 0, length: stateBytes)
-        return try restore(try StateRegion.read(from: state.base, capacity: stateBytes), ram: ram)
+        try ExecResume(ramFD: ramFD, stateFD: stateFD).finish()
     }
 
     /// Starts a restored VM (the new instance's resume).
@@ -258,11 +259,61 @@ public struct PrebuiltKVM: @unchecked Sendable {
         vcpus = try (0..<count).map { try KVMVCPU(machine: m, index: $0) }
     }
 
+    init(machine: KVMMachine, vcpus: [KVMVCPU] = []) {
+        self.machine = machine
+        self.vcpus = vcpus
+    }
+
+    /// This VM with vCPUs up to `count` (ids from the ones it has on).
+    func addingVCPUs(_ count: Int) throws -> PrebuiltKVM {
+        PrebuiltKVM(machine: machine, vcpus: vcpus + (try (vcpus.count..<max(vcpus.count, count)).map { try KVMVCPU(machine: machine, index: $0) }))
+    }
+
     /// Registers guest RAM with the VM as soon as its destination is mapped, with the guest
     /// still running in the old instance: KVM_SET_USER_MEMORY_REGION for 1 GiB takes ~0.5 ms
     /// here (measured), which would otherwise fall between the commit and the resume.
     public func register(ram: MemoryMapping) throws {
         try machine.setMemory(slot: 0, guestAddress: 0, host: ram.base, length: ram.length)
+    }
+}
+
+/// The restore of an image that just exec'd, all of it inside the guest's pause, which leaves a
+/// CPU idle: started first thing in main, it builds the KVM VM, its memory slot and its vCPUs
+/// (~1.5–2 ms here, measured) on a second thread while the image starts up and decodes the state;
+/// `finish()` sets the state into them.
+public final class ExecResume: @unchecked Sendable {
+    let ram: MemoryMapping
+    let state: MemoryMapping
+    private var built: PrebuiltKVM?
+    private let done = DispatchSemaphore(value: 0)
+
+    /// Maps the inherited memfds (they become this object's) and starts the KVM build.
+    /// `warmUp` runs on that thread afterwards (the first answer's JSON, say).
+    public init(ramFD: Int32, stateFD: Int32, warmUp: @escaping @Sendable () -> Void = {}) throws {
+        let ramFile = FileDescriptor(owning: ramFD)
+        let stateFile = FileDescriptor(owning: stateFD)
+        _ = fcntl(ramFD, F_SETFD, FD_CLOEXEC)
+        ram = try MemoryMapping.shared(fd: ramFile, offset: 0, length: Int(try ramFile.status().st_size))
+        state = try MemoryMapping.shared(fd: stateFile, offset: 0, length: Int(try stateFile.status().st_size))
+        // The vCPU count from the state's header, unverified: only a hint for what to build (a
+        // wrong one is not used, VirtualMachine.init).
+        let vcpus = StateRegion.peekVCPUCount(from: state.base, capacity: state.length)
+        let ram = self.ram
+        Thread { [self] in
+            built = try? {
+                let p = PrebuiltKVM(machine: try KVMMachine())
+                try p.register(ram: ram)
+                return try p.addingVCPUs(vcpus ?? 0)
+            }()
+            done.signal()
+            warmUp()
+        }.start()
+    }
+
+    public func finish() throws -> VirtualMachine {
+        let saved = try StateRegion.read(from: state.base, capacity: state.length)
+        done.wait()
+        return try VirtualMachine.restore(saved, ram: ram, prebuilt: saved.backend == .kvm ? built : nil)
     }
 }
 

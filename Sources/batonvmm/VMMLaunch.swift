@@ -48,6 +48,15 @@ struct VMMLaunch {
 
     func run() throws {
         signal(SIGPIPE, SIG_IGN)
+        // An exec in place: the KVM VM is built on a second thread from here on (ExecResume),
+        // and the first answer's JSON warmed after it.
+        let execResume = try resume.map { resume in
+            let parts = Dictionary(resume.split(separator: ",").map { p -> (String, Int32) in
+                let kv = p.split(separator: "=", maxSplits: 1)
+                return (kv.first.map(String.init) ?? "", kv.count > 1 ? Int32(kv[1]) ?? -1 : -1)
+            }, uniquingKeysWith: { first, _ in first })
+            return try ExecResume(ramFD: parts["ram"] ?? -1, stateFD: parts["state"] ?? -1) { _ = HTTPResponse.json(VMStatus.warmUpSample) }
+        }
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.metadata = ["pid": "\(getpid())"]  // the process keeps its pid across an exec in place
@@ -70,12 +79,15 @@ struct VMMLaunch {
         }
         service.apiListenerFD = listenerFD.raw
         service.execGeneration = execGeneration
-        if let resume {
-            let parts = Dictionary(uniqueKeysWithValues: resume.split(separator: ",").map { p -> (String, Int32) in
-                let kv = p.split(separator: "=")
-                return (String(kv[0]), Int32(kv[1]) ?? -1)
-            })
-            let vm = try VirtualMachine.resumeAfterExec(ramFD: parts["ram"] ?? -1, stateFD: parts["state"] ?? -1)
+        service.incoming = incoming != nil
+        let server = HTTPServer(listener: listenerFD, handler: service.handle)
+        if let execResume {
+            // Inside the guest's pause: the server's threads start while the VM is rebuilt; its
+            // requests wait until the VM is back (RestoreGate).
+            service.restoreGate.close()
+            server.start()
+            defer { service.restoreGate.open() }
+            let vm = try execResume.finish()
             vm.lastPauseNanoseconds = pausedAt
             service.adopt(vm)
             (service.imageStartedAt, service.restoredAt) = (imageStartedAt, Host.monotonicNanoseconds())
@@ -87,8 +99,7 @@ struct VMMLaunch {
             service.adopt(vm)
             log.notice("VM running, \(ByteSize(config.ramBytes)) RAM, \(vcpus) vCPU(s), \(vm.backendName) backend")
         }
-        service.incoming = incoming != nil
-        HTTPServer(listener: listenerFD, handler: service.handle).start()
+        if resume == nil { server.start() }
         // After the API serves: the controller waits for this image's status to resume the guest.
         if resume != nil { log.notice("exec'd in place (generation \(execGeneration)), VM restored paused") }
         if let incoming {
