@@ -383,7 +383,7 @@ public final class UpgradeController {
         // otherwise tear down inside it. Best effort: an image without the call only costs time.
         _ = try? old.client.expectOK("PUT", BatonVMMAPI.execPrepare)
         // The scheduling policy survives the exec: the new image starts under it too.
-        if options.pausePriority { pauseBoost.raise([before.pid]) }
+        if options.pausePriority { raisePausePriority([before.pid]) }
         try openPauseConnection()
         let pauseStart = Host.monotonicNanoseconds()
         try pauseControl.pause()
@@ -485,6 +485,17 @@ public final class UpgradeController {
         }
     }
 
+    /// PauseBoost for the pause; a process the kernel would not raise (a VMM under libvirt's ch
+    /// driver, whose cgroup grants no real-time runtime) is told as a notice, before the pause.
+    func raisePausePriority(_ pids: [pid_t]) {
+        pauseBoost.raise(pids)
+        for refusal in pauseBoost.refusals {
+            let notice = "pause priority not raised for \(refusal)"
+            report.notices.append(notice)
+            options.onNotice?(notice)
+        }
+    }
+
     /// Opens the kept connection with a ping, outside the pause: the VMM's thread for it is then
     /// running when the pause request arrives.
     func openPauseConnection() throws {
@@ -569,7 +580,7 @@ extension UpgradeController: HandoffHypervisor {
     }
 
     public func pauseAndTransfer() throws {
-        if options.pausePriority { pauseBoost.raise([report.oldPid, report.newPid]) }
+        if options.pausePriority { raisePausePriority([report.oldPid, report.newPid]) }
         try openPauseConnection()
         pauseStart = Host.monotonicNanoseconds()
         try pauseControl.pause()

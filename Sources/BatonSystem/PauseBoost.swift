@@ -22,11 +22,17 @@ public final class PauseBoost {
     /// exact policy, are put back: a thread someone else made real-time stays so).
     private var threads: Set<pid_t> = []
     public private(set) var raised = false
+    /// The processes the kernel would not raise, one line each, saying why where it can tell: a
+    /// process in a cgroup v1 `cpu` group that grants no real-time runtime (libvirt's ch driver
+    /// puts its VMM in one: `cpu.rt_runtime_us` = 0) refuses SCHED_RR even to root. The others
+    /// are raised all the same.
+    public private(set) var refusals: [String] = []
 
     public init() {}
 
     /// Raises every thread of `pids` (pids ≤ 0 are skipped) and the calling thread alone (not
-    /// its whole process: a service runs other upgrades on other threads); false if not permitted.
+    /// its whole process: a service runs other upgrades on other threads); false if nothing
+    /// could be raised. A process whose threads refuse is left as it was (`refusals` says why).
     @discardableResult
     public func raise(_ pids: [pid_t]) -> Bool {
         var param = sched_param(sched_priority: Self.priorityDuringPause)
@@ -37,18 +43,42 @@ public final class PauseBoost {
         }
         for pid in pids where pid > 0 {
             let present = ProcessHandles.threadIDs(of: pid)
-            self.pids.append((pid, Set(present)))
+            var refusal: Int32?
+            var mine: [pid_t] = []
             // vCPU threads (named vcpuN) are left alone: before the pause they run the guest.
             for tid in present where Self.isNormal(tid) && !Self.isVCPU(pid: pid, tid: tid) {
                 if sched_setscheduler(tid, Self.policyDuringPause, &param) != 0 {
-                    if errno == EPERM || errno == EACCES { restore(); return false }
+                    if errno == EPERM || errno == EACCES { refusal = errno; break }
                 } else {
-                    threads.insert(tid)
-                    raised = true
+                    mine.append(tid)
+                }
+            }
+            if let refusal {
+                for tid in mine where Self.isRaisedByUs(tid) { Self.makeNormal(tid) }
+                refusals.append("pid \(pid): SCHED_RR refused (\(String(cString: strerror(refusal))))\(Self.realTimeRuntimeNote(pid: pid))")
+                continue
+            }
+            self.pids.append((pid, Set(present)))
+            threads.formUnion(mine)
+            raised = raised || !mine.isEmpty
+        }
+        return raised
+    }
+
+    /// ": its cpu cgroup P grants no real-time runtime (cpu.rt_runtime_us = 0)" when that is
+    /// why, else "".
+    static func realTimeRuntimeNote(pid: pid_t) -> String {
+        guard let lines = Host.readSmallFile("/proc/\(pid)/cgroup")?.split(separator: "\n") else { return "" }
+        for line in lines {
+            let parts = line.split(separator: ":", maxSplits: 2).map(String.init)
+            guard parts.count == 3, parts[1].split(separator: ",").contains("cpu") else { continue }
+            for mount in ["/sys/fs/cgroup/\(parts[1])", "/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"] {
+                if let runtime = Host.readSmallFile(mount + parts[2] + "/cpu.rt_runtime_us")?.filter({ !$0.isWhitespace }), runtime == "0" {
+                    return ": its cpu cgroup \(parts[2]) grants no real-time runtime (cpu.rt_runtime_us = 0)"
                 }
             }
         }
-        return raised
+        return ""
     }
 
     /// Every thread of the processes back to SCHED_OTHER (their nice values were never
@@ -61,6 +91,7 @@ public final class PauseBoost {
         pids = []
         threads = []
         raised = false
+        refusals = []
     }
 
     /// A thread under SCHED_OTHER (one already real-time is someone else's choice: left alone).
