@@ -107,6 +107,17 @@ public final class PauseBoost {
         Host.readSmallFile("/proc/\(pid)/task/\(tid)/comm")?.hasPrefix("vcpu") == true
     }
 
+    /// The calling thread's kernel id.
+    public static var currentThreadID: pid_t { cbaton_gettid() }
+
+    /// A thread that is on its way out (a vCPU thread told to leave the guest) at the pause's
+    /// policy, so it is not left waiting behind CPU-bound work; it ends without being put back.
+    public static func raiseLeavingThread(_ tid: pid_t) {
+        guard isNormal(tid) else { return }
+        var param = sched_param(sched_priority: priorityDuringPause)
+        _ = sched_setscheduler(tid, policyDuringPause, &param)
+    }
+
     /// `tid` (0: the calling thread) back to SCHED_OTHER.
     public static func makeNormal(_ tid: pid_t) {
         var param = sched_param(sched_priority: 0)
