@@ -63,6 +63,8 @@ struct UpgradeBench: ParsableCommand {
         let ramMs: Spread
         let verifyMs: Spread
         let resumeMs: Spread
+        let controlMs: Spread
+        let journalMs: Spread
         /// Downtime that none of the five phases covers (downtime − their sum), per run.
         let unaccountedMs: Spread
         /// The first upgrade after the VM started (quiet rows only; not among the runs).
@@ -134,6 +136,7 @@ struct UpgradeBench: ParsableCommand {
                                 downtimeMs: Spread(reports.map(\.downtimeMs)), pauseMs: Spread(reports.map(\.pauseMs)),
                                 stateMs: Spread(reports.map(\.stateMs)), ramMs: Spread(reports.map(\.ramMs)),
                                 verifyMs: Spread(reports.map(\.verifyMs)), resumeMs: Spread(reports.map(\.resumeMs)),
+                                controlMs: Spread(reports.map(\.controlMs)), journalMs: Spread(reports.map(\.journalMs)),
                                 unaccountedMs: Spread(reports.map(\.unaccountedMs)),
                                 firstDowntimeMs: hogs == 0 ? first.downtimeMs : nil,
                                 memcpyMs: Spread(memcpyTimes), allVerified: reports.allSatisfy(\.verified) && first.verified))
@@ -141,14 +144,15 @@ struct UpgradeBench: ParsableCommand {
         }
         let qemu = compareQemu ? try compareWithQEMU(ramBytes: bytes, rows: rows) : nil
         if json { printJSON(Results(results: rows, qemu: qemu)); return }
-        print("transport          load     RAM     downtime ms (min/median/max)   first    pause   state   ram      verify  resume  other   memcpy ms (median)")
+        print("transport          load     RAM     downtime ms (min/median/max)   first    pause   state   ram      verify  control journal resume  other   memcpy ms (median)")
         for r in rows {
             print(r.transport.padding(toLength: 18, withPad: " ", startingAt: 0)
                   + r.condition.padding(toLength: 9, withPad: " ", startingAt: 0)
                   + "\(ByteSize(r.ramBytes))".padding(toLength: 8, withPad: " ", startingAt: 0)
-                  + String(format: "%7.2f / %7.2f / %7.2f      %7@  %6.2f  %6.2f  %7.2f  %6.2f  %6.2f  %6.2f  %7.2f",
+                  + String(format: "%7.2f / %7.2f / %7.2f      %7@  %6.2f  %6.2f  %7.2f  %6.2f  %6.2f  %6.2f  %6.2f  %6.2f  %7.2f",
                            r.downtimeMs.min, r.downtimeMs.median, r.downtimeMs.max, r.firstDowntimeMs.map { String(format: "%7.2f", $0) } ?? "      –",
-                           r.pauseMs.median, r.stateMs.median, r.ramMs.median, r.verifyMs.median, r.resumeMs.median, r.unaccountedMs.median, r.memcpyMs.median)
+                           r.pauseMs.median, r.stateMs.median, r.ramMs.median, r.verifyMs.median, r.controlMs.median, r.journalMs.median,
+                           r.resumeMs.median, r.unaccountedMs.median, r.memcpyMs.median)
                   + (r.allVerified ? "" : "  NOT VERIFIED"))
         }
         if let qemu { printComparison(qemu, rows: rows) }

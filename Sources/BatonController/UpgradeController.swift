@@ -22,6 +22,12 @@ public struct UpgradeReport: Codable, Sendable {
     public var ramMs: Double = 0
     public var verifyMs: Double = 0
     public var resumeMs: Double = 0
+    /// The journal records written inside the pause (`paused`, `transferred`, `committing`;
+    /// none is fsync'd).
+    public var journalMs: Double = 0
+    /// The transfer request around the agents' own timing (`ram`, `verify`): HTTP and JSON both
+    /// ways, and the page-frame samples that say what the kernel did.
+    public var controlMs: Double = 0
     public var ramBytes: UInt64 = 0
     public var pagesMoved = false
     public var pageDisposition = ""
@@ -43,7 +49,7 @@ public struct UpgradeReport: Codable, Sendable {
 
     /// The downtime's named phases, in order (the service exports each; `baton bench` prints them).
     public var phasesMs: [(String, Double)] {
-        [("pause", pauseMs), ("state", stateMs), ("ram", ramMs), ("verify", verifyMs), ("resume", resumeMs)]
+        [("pause", pauseMs), ("state", stateMs), ("ram", ramMs), ("verify", verifyMs), ("control", controlMs), ("journal", journalMs), ("resume", resumeMs)]
     }
 
     /// The downtime that none of `phasesMs` covers.
@@ -208,6 +214,8 @@ public final class UpgradeController {
     var prepared = false
     var paused = false
     var pauseStart: UInt64 = 0
+    /// When the transfer's answer arrived (the journal's next records are timed from here).
+    var transferEnd: UInt64 = 0
     /// The new instance answered `handoff.commit`: it owns the guest from here.
     var commitAcknowledged = false
     /// The pause-length priority raise (restored after the resume and on every way out).
@@ -389,10 +397,12 @@ public final class UpgradeController {
         try pauseControl.pause()
         report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
         do {
+            let journalStart = Host.monotonicNanoseconds()
             try log(.paused)
             // The exec is the point of no return: from here the new image may hold the VM.
             try log(.committing)
             let execStart = Host.monotonicNanoseconds()
+            report.journalMs = Double(execStart - journalStart) / 1e6
             try pauseClient.expectOK("PUT", BatonVMMAPI.exec, body: ExecRequest(binary: options.binary))
             pauseClient.closeKeptConnection()  // the exec closes the old image's end
             // Same socket, same pid, new image: wait until it has restored the VM (paused). A status
@@ -585,9 +595,14 @@ extension UpgradeController: HandoffHypervisor {
         pauseStart = Host.monotonicNanoseconds()
         try pauseControl.pause()
         paused = true
-        report.pauseMs = Double(Host.monotonicNanoseconds() - pauseStart) / 1e6
+        let pausedAt = Host.monotonicNanoseconds()
+        report.pauseMs = Double(pausedAt - pauseStart) / 1e6
         try log(.paused)
+        let transferStart = Host.monotonicNanoseconds()
+        report.journalMs = Double(transferStart - pausedAt) / 1e6
         let outcome = try pauseClient.expectOK("PUT", BatonVMMAPI.transfer + (options.digest ? "?digest=1" : "")).decode(HandoffTransferred.self)
+        transferEnd = Host.monotonicNanoseconds()
+        report.controlMs = max(0, Double(transferEnd - transferStart) / 1e6 - outcome.report.transferAndVerifySeconds * 1000)
         report.stateMs = outcome.stateMs
         // Saved inside the pause request: counted once, as `state`, not in `pause` too.
         if outcome.stateSavedAtPause == true { report.pauseMs = max(0, report.pauseMs - outcome.stateMs) }
@@ -604,6 +619,7 @@ extension UpgradeController: HandoffHypervisor {
 
     public func runNewInstance() throws {
         let commitStart = Host.monotonicNanoseconds()
+        report.journalMs += Double(commitStart - transferEnd) / 1e6  // `transferred` and `committing`
         try pauseClient.expectOK("PUT", BatonVMMAPI.commit)
         pauseClient.closeKeptConnection()  // the old instance exits now
         commitAcknowledged = true
