@@ -17,7 +17,7 @@ public struct HandoffOptions: Sendable {
     public var chunkSize: Int = 1 << 20
     /// Checksum every byte of memfd regions too (default: one page per chunk, they are not copied).
     public var fullVerification = false
-    /// Streamed chunks without checksums: for `baton bench transfer --no-integrity` only (the
+    /// Streamed chunks without checksums: for `baton bench transfer --transports gift+unchecked` only (the
     /// receiver must accept it, and the benchmark then checks every byte itself).
     public var unchecked = false
     public var stallTimeoutSeconds: Double = 10

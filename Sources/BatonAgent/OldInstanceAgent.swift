@@ -211,11 +211,13 @@ public final class OldInstanceAgent {
             transfers.append(RegionTransfer(regionID: s.region.id, transport: kind, descriptorIndex: index,
                                             descriptorOffset: UInt64(s.memfdOffset), sourceAddress: UInt64(UInt(bitPattern: s.base))))
         }
+        // One verification byte on the wire: unchecked (2) wins over full (1), on both sides.
+        let fullVerification = options.fullVerification && !options.unchecked
         let begin = TransferBegin(lanes: UInt8(lanes), chunkSize: UInt32(options.chunkSize),
                                   pipeCapacity: UInt32(pipeLanes?.capacity ?? 0), sourcePID: getpid(),
-                                  fullVerification: options.fullVerification, unchecked: options.unchecked, regions: transfers, descriptorCount: descriptors.count)
+                                  fullVerification: fullVerification, unchecked: options.unchecked, regions: transfers, descriptorCount: descriptors.count)
         let plan = try TransferPlan(table: table, transfers: transfers, lanes: lanes, chunkSize: options.chunkSize,
-                                    fullVerification: options.fullVerification, unchecked: options.unchecked)
+                                    fullVerification: fullVerification, unchecked: options.unchecked)
         report.lanes = lanes
         report.pipeCapacity = pipeLanes?.capacity ?? 0
         report.pipeSizeRefusals = pipeLanes?.refusals.map(\.description) ?? []

@@ -27,7 +27,7 @@ struct AgentCommand: ParsableCommand {
         @Option(help: "Seconds without progress before the peer counts as stalled.")
         var timeout: Double = 10
 
-        @Flag(help: "Accept a sender that sends no chunk checksums (`baton bench transfer --no-integrity`); needs --seed, which then checks every byte.")
+        @Flag(help: "Accept a sender that sends no chunk checksums (`baton bench transfer --transports gift+unchecked`); needs --seed, which then checks every byte.")
         var acceptUnchecked = false
 
         func validate() throws {

@@ -59,7 +59,7 @@ public struct TransferBenchmark {
         public init?(parsing text: String) {
             let parts = text.split(separator: "+").map(String.init)
             let modifiers = Set(parts.dropFirst())
-            guard let t = TransportChoice(rawValue: parts[0]), modifiers.count == parts.count - 1,
+            guard let first = parts.first, let t = TransportChoice(rawValue: first), modifiers.count == parts.count - 1,
                   modifiers.isSubset(of: ["release", "unchecked"]) else { return nil }
             self.init(t, releaseSource: modifiers.contains("release"), unchecked: modifiers.contains("unchecked"))
         }

@@ -65,7 +65,7 @@ struct UpgradeBench: ParsableCommand {
         let resumeMs: Spread
         let controlMs: Spread
         let journalMs: Spread
-        /// Downtime that none of the five phases covers (downtime − their sum), per run.
+        /// Downtime that none of the phases covers (downtime − their sum), per run.
         let unaccountedMs: Spread
         /// The first upgrade after the VM started (quiet rows only; not among the runs).
         let firstDowntimeMs: Double?

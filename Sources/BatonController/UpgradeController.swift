@@ -22,8 +22,8 @@ public struct UpgradeReport: Codable, Sendable {
     public var ramMs: Double = 0
     public var verifyMs: Double = 0
     public var resumeMs: Double = 0
-    /// The journal records written inside the pause (`paused`, `transferred`, `committing`;
-    /// none is fsync'd).
+    /// The journal records written inside the pause (`paused`, `transferred`, `committing`; in
+    /// place `paused` and `committing`; none is fsync'd).
     public var journalMs: Double = 0
     /// The transfer request around the agents' own timing (`ram`, `verify`): HTTP and JSON both
     /// ways, and the page-frame samples that say what the kernel did.
@@ -403,8 +403,8 @@ public final class UpgradeController {
             try log(.committing)
             let execStart = Host.monotonicNanoseconds()
             report.journalMs = Double(execStart - journalStart) / 1e6
+            defer { pauseClient.closeKeptConnection() }  // the exec closes the old image's end; a refusal leaves it idle
             try pauseClient.expectOK("PUT", BatonVMMAPI.exec, body: ExecRequest(binary: options.binary))
-            pauseClient.closeKeptConnection()  // the exec closes the old image's end
             // Same socket, same pid, new image: wait until it has restored the VM (paused). A status
             // request sent while the image is loading waits in the inherited listener's backlog
             // and is answered the moment the new image serves, so only an answer from the old
@@ -602,7 +602,9 @@ extension UpgradeController: HandoffHypervisor {
         report.journalMs = Double(transferStart - pausedAt) / 1e6
         let outcome = try pauseClient.expectOK("PUT", BatonVMMAPI.transfer + (options.digest ? "?digest=1" : "")).decode(HandoffTransferred.self)
         transferEnd = Host.monotonicNanoseconds()
-        report.controlMs = max(0, Double(transferEnd - transferStart) / 1e6 - outcome.report.transferAndVerifySeconds * 1000)
+        // A state saved by this request (not at the pause) is `state`, not `control`.
+        let stateInTransfer = outcome.stateSavedAtPause == true ? 0 : outcome.stateMs
+        report.controlMs = max(0, Double(transferEnd - transferStart) / 1e6 - outcome.report.transferAndVerifySeconds * 1000 - stateInTransfer)
         report.stateMs = outcome.stateMs
         // Saved inside the pause request: counted once, as `state`, not in `pause` too.
         if outcome.stateSavedAtPause == true { report.pauseMs = max(0, report.pauseMs - outcome.stateMs) }

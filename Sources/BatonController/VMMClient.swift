@@ -106,7 +106,7 @@ public struct VMMClient: Sendable {
             guard statusLine.count >= 2, let status = Int(statusLine[1]) else {
                 throw Failure(description: "\(socketPath): malformed HTTP status line '\(header.prefix(60))'")
             }
-            if status == 100 {
+            if (100..<200).contains(status) {  // interim answers (100 Continue): the real one follows
                 data.removeFirst(split + 4)
                 searchFrom = 0
                 continue
@@ -123,7 +123,10 @@ public struct VMMClient: Sendable {
                 guard try fill() else { throw Failure(description: "\(socketPath): response to \(method) \(path) truncated (\(data.count - split - 4) of \(length) body bytes)") }
             }
             let response = Response(status: status, body: Array(data[(split + 4)..<(split + 4 + length)]))
-            return (response, field("connection")?.lowercased() != "close")
+            // Reused only when the answer was framed exactly: a missing Content-Length or bytes
+            // beyond the body would put the next answer on this stream out of step.
+            let framed = field("content-length") != nil && data.count == split + 4 + length
+            return (response, framed && field("connection")?.lowercased() != "close")
         }
     }
 

@@ -28,7 +28,7 @@ public struct TransferBegin: Equatable, Sendable {
     /// memfd regions: checksum every byte instead of one page per chunk.
     public let fullVerification: Bool
     /// Streamed chunks carry no checksum (their checked length is 0): the integrity-off figure
-    /// of `baton bench transfer --no-integrity`, which checks every byte afterwards instead.
+    /// of `baton bench transfer --transports gift+unchecked`, which checks every byte afterwards.
     /// Receivers refuse it unless they were started to accept it (never in an upgrade).
     public let unchecked: Bool
     public let regions: [RegionTransfer]

@@ -9,7 +9,8 @@ import Glibc
 /// once (4.9 ms; Docs/BENCHMARKS.md). Bounded: the threads block between the steps, the kernel's
 /// real-time throttling (sched_rt_runtime_us) keeps 5% of every second for everything else, and
 /// a vCPU thread never runs the guest at a real-time policy (running ones, named vcpuN, are not
-/// raised; new ones drop the policy when they start). Needs CAP_SYS_NICE (root): without it nothing is changed. `restore` sets every
+/// raised; new ones drop the policy when they start; one kicked out of the guest is raised while
+/// it leaves, `raiseLeavingThread`, and ends at the join). Needs CAP_SYS_NICE (root): without it nothing is changed. `restore` sets every
 /// thread the processes have then (threads started during the pause inherit the policy) back.
 /// A controller killed inside the pause leaves the instances' service threads (not their
 /// vCPUs) real-time until the next upgrade or a `chrt` (Docs/FAULTS.md).
@@ -107,15 +108,15 @@ public final class PauseBoost {
         Host.readSmallFile("/proc/\(pid)/task/\(tid)/comm")?.hasPrefix("vcpu") == true
     }
 
-    /// The calling thread's kernel id.
-    public static var currentThreadID: pid_t { cbaton_gettid() }
-
-    /// A thread that is on its way out (a vCPU thread told to leave the guest) at the pause's
-    /// policy, so it is not left waiting behind CPU-bound work; it ends without being put back.
-    public static func raiseLeavingThread(_ tid: pid_t) {
-        guard isNormal(tid) else { return }
-        var param = sched_param(sched_priority: priorityDuringPause)
-        _ = sched_setscheduler(tid, policyDuringPause, &param)
+    /// A thread of this process on its way out (a vCPU thread told to leave the guest, not yet
+    /// joined) at the pause's policy, so it is not left waiting behind CPU-bound work; it ends
+    /// without being put back. A thread someone made real-time is left alone.
+    public static func raiseLeavingThread(_ thread: pthread_t) {
+        var policy: Int32 = 0
+        var param = sched_param()
+        guard pthread_getschedparam(thread, &policy, &param) == 0, policy == 0 else { return }
+        param.sched_priority = priorityDuringPause
+        _ = pthread_setschedparam(thread, policyDuringPause, &param)
     }
 
     /// `tid` (0: the calling thread) back to SCHED_OTHER.

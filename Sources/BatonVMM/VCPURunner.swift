@@ -54,8 +54,6 @@ private func kickHandler(_ signal: Int32) {}
 /// A pthread running `body`, joinable, with its pthread_t known for kicks.
 final class VCPUThread: @unchecked Sendable {
     private(set) var thread = pthread_t()
-    /// The kernel's id of the thread once it runs (0 before).
-    let tid = Atomic<Int32>(0)
     let body: () -> Void
 
     init(_ body: @escaping () -> Void) { self.body = body }
@@ -73,7 +71,6 @@ final class VCPUThread: @unchecked Sendable {
 
 private func vcpuThreadMain(_ context: UnsafeMutableRawPointer?) -> UnsafeMutableRawPointer? {
     let t = Unmanaged<VCPUThread>.fromOpaque(context!).takeRetainedValue()
-    t.tid.store(PauseBoost.currentThreadID, ordering: .releasing)
     // The kick must get through even if this thread's creator blocked SIGUSR1.
     var kick = sigset_t()
     sigemptyset(&kick)
@@ -151,9 +148,8 @@ final class KVMRunner: VCPURunner, @unchecked Sendable {
         // (up to a CFS latency period: 7.7 ms measured under `--load 2`): it is raised too, now
         // that it is told to leave. It runs no guest code from here (immediate_exit and the
         // pending kick end KVM_RUN before any guest entry) and ends right after.
-        if PauseBoost.isRaisedByUs(0), case let tid = thread.tid.load(ordering: .acquiring), tid > 0 {
-            PauseBoost.raiseLeavingThread(tid)
-        }
+        // By its pthread handle, valid until the join (a kernel thread id could be reused).
+        if PauseBoost.isRaisedByUs(0) { PauseBoost.raiseLeavingThread(thread.thread) }
         thread.join()
         self.thread = nil
         vcpu.run.pointee.immediate_exit = 0

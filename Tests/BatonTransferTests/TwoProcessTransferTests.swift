@@ -60,6 +60,7 @@ struct TwoProcessTransferTests {
         var options = HandoffOptions()
         options.transport = .gift
         options.unchecked = true
+        options.fullVerification = accepted  // both asked: one verification byte, 2, planned alike on both sides
         let connection = AgentConnection(socket: try UnixSocket.connect(path: receiver.socket))
         let result = Result { try OldInstanceAgent(connection: connection, options: options).handOff([source]) }
         if accepted {
