@@ -14,7 +14,10 @@ public struct HandoffOptions: Sendable {
     public var lanes: Int = Host.onlineCPUs
     /// Pipe capacity asked of F_SETPIPE_SZ; refused sizes fall back by halving.
     public var pipeCapacity: Int = HandoffOptions.hostPipeMaxSize
-    public var chunkSize: Int = 1 << 20
+    public var chunkSize: Int = HandoffOptions.defaultChunkSize
+    /// The chunk size a sender uses unless told otherwise (a receiver populates its spot-check
+    /// pages for it before the pause).
+    public static let defaultChunkSize = 1 << 20
     /// Checksum every byte of memfd regions too (default: one page per chunk, they are not copied).
     public var fullVerification = false
     /// Streamed chunks without checksums: for `baton bench transfer --transports gift+unchecked` only (the

@@ -184,7 +184,7 @@ public final class NewInstanceAgent {
             }
             // The pages the spot checks will read, as the default chunk size cuts them (a sender
             // with another chunk size only loses the head start): no page faults in the pause.
-            CheckedPages.populate(table: table, sharedRegions: Set(early.map(\.id)), chunkSize: HandoffOptions().chunkSize, fullVerification: false) {
+            CheckedPages.populate(table: table, sharedRegions: Set(early.map(\.id)), chunkSize: HandoffOptions.defaultChunkSize, fullVerification: false) {
                 destinations[$0]?.mapping
             }
             destinationsMapped?(destinations.values.sorted { $0.region.guestAddress < $1.region.guestAddress })

@@ -602,12 +602,13 @@ extension UpgradeController: HandoffHypervisor {
         report.journalMs = Double(transferStart - pausedAt) / 1e6
         let outcome = try pauseClient.expectOK("PUT", BatonVMMAPI.transfer + (options.digest ? "?digest=1" : "")).decode(HandoffTransferred.self)
         transferEnd = Host.monotonicNanoseconds()
-        // A state saved by this request (not at the pause) is `state`, not `control`.
-        let stateInTransfer = outcome.stateSavedAtPause == true ? 0 : outcome.stateMs
-        report.controlMs = max(0, Double(transferEnd - transferStart) / 1e6 - outcome.report.transferAndVerifySeconds * 1000 - stateInTransfer)
         report.stateMs = outcome.stateMs
-        // Saved inside the pause request: counted once, as `state`, not in `pause` too.
-        if outcome.stateSavedAtPause == true { report.pauseMs = max(0, report.pauseMs - outcome.stateMs) }
+        // The state save is counted once, as `state`: taken out of the request that did it (the
+        // pause, or else this transfer, whose remainder is `control`).
+        let savedAtPause = outcome.stateSavedAtPause == true
+        if savedAtPause { report.pauseMs = max(0, report.pauseMs - outcome.stateMs) }
+        report.controlMs = max(0, Double(transferEnd - transferStart) / 1e6 - outcome.report.transferAndVerifySeconds * 1000
+                                  - (savedAtPause ? 0 : outcome.stateMs))
         report.ramMs = outcome.report.sendSeconds * 1000
         report.verifyMs = (outcome.report.transferAndVerifySeconds - outcome.report.sendSeconds) * 1000
         report.verified = outcome.report.verified

@@ -60,16 +60,15 @@ public struct VMMClient: Sendable {
     }
 
     func request(_ method: String, _ path: String, bytes body: Data) throws -> Response {
-        guard let kept else {
-            let socket = try UnixSocket.connect(path: socketPath, timeoutSeconds: min(timeoutSeconds, 10))
-            try socket.setTimeout(seconds: timeoutSeconds)
-            return try exchange(on: socket, method, path, body, keepAlive: false).response
-        }
-        return try kept.withSocket(connect: {
-            let socket = try UnixSocket.connect(path: socketPath, timeoutSeconds: min(timeoutSeconds, 10))
-            try socket.setTimeout(seconds: timeoutSeconds)
-            return socket
-        }) { socket in try exchange(on: socket, method, path, body, keepAlive: true) }
+        guard let kept else { return try exchange(on: try open(), method, path, body, keepAlive: false).response }
+        return try kept.withSocket(connect: open) { socket in try exchange(on: socket, method, path, body, keepAlive: true) }
+    }
+
+    /// A new connection to the VMM, its sends and receives bounded by `timeoutSeconds`.
+    func open() throws -> UnixSocket {
+        let socket = try UnixSocket.connect(path: socketPath, timeoutSeconds: min(timeoutSeconds, 10))
+        try socket.setTimeout(seconds: timeoutSeconds)
+        return socket
     }
 
     /// The largest response accepted: the API's answers are a few KiB of JSON.

@@ -269,9 +269,9 @@ public struct PrebuiltKVM: @unchecked Sendable {
         PrebuiltKVM(machine: machine, vcpus: vcpus + (try (vcpus.count..<max(vcpus.count, count)).map { try KVMVCPU(machine: machine, index: $0) }))
     }
 
-    /// Registers guest RAM with the VM as soon as its destination is mapped, with the guest
-    /// still running in the old instance: KVM_SET_USER_MEMORY_REGION for 1 GiB takes ~0.5 ms
-    /// here (measured), which would otherwise fall between the commit and the resume.
+    /// Registers guest RAM as slot 0 ahead of the restore (KVM_SET_USER_MEMORY_REGION for 1 GiB
+    /// takes ~0.5 ms here, measured): a new instance does it when its destination is mapped,
+    /// before the pause; an exec'd image on its second thread (ExecResume).
     public func register(ram: MemoryMapping) throws {
         try machine.setMemory(slot: 0, guestAddress: 0, host: ram.base, length: ram.length)
     }
